@@ -1,0 +1,1 @@
+"""Profile generators: the deterministic rules generator and the LLM generator."""

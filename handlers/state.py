@@ -1,0 +1,243 @@
+"""Rolling per-user state, updated once per event and stored as a JSON-ready dict.
+
+Every update is a pure function of (state, event): no clock, no I/O. The state is bounded:
+windows keep `WINDOW_HOURS` hourly buckets, interests keep the top `MAX_TOPICS`, the
+dedup set keeps `MAX_SEEN_EVENTS` ids, and recent posts keep `MAX_RECENT_POSTS`.
+
+Ordering rules:
+- interest weights decay exponentially in event time against a reference time that only
+  moves forward, so applying the same events in any order gives the same weights (up to
+  float rounding and top-K pruning);
+- an event older than the window span (7 days before the user's latest event) still counts
+  in totals and interests but no longer in the hourly windows;
+- duplicate event ids change nothing; once the dedup set is full, an event older than its
+  oldest id cannot be checked and is dropped as `beyond_dedup_horizon`;
+- counts are signed sums (an unfollow subtracts one even when its follow has not arrived yet),
+  so they commute; readers clamp them at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .events import FollowEvent, LikeEvent, PostEvent
+from .topics import extract_topics
+
+WINDOW_HOURS = 7 * 24
+MAX_TOPICS = 64
+MAX_EVIDENCE = 5
+MAX_SEEN_EVENTS = 1024
+MAX_RECENT_POSTS = 10
+MAX_LANGUAGES = 8
+RECENT_TEXT_CHARS = 500
+DEFAULT_HALF_LIFE_S = 30 * 24 * 3600.0
+
+# Column order of each hourly bucket.
+COUNTERS = ("posts", "replies", "likes_given", "likes_received", "follows_gained", "follows_lost")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """Outcome of applying one event: `applied`, or the reason it changed nothing."""
+
+    outcome: str
+
+    @property
+    def applied(self) -> bool:
+        return self.outcome == "applied"
+
+
+APPLIED = ApplyResult("applied")
+DUPLICATE = ApplyResult("duplicate")
+TOO_OLD = ApplyResult("beyond_dedup_horizon")
+
+
+def new_state(user_id: str) -> dict[str, Any]:
+    return {
+        "user_id": user_id,
+        "first_seen": None,
+        "last_seen": None,
+        "events_applied": 0,
+        "totals": dict.fromkeys(COUNTERS, 0),
+        "followers": 0,
+        "following": 0,
+        "hours": {},
+        "active_hours": [0] * 24,
+        "languages": {},
+        "interest_ref": None,
+        "interests": {},
+        "recent_posts": [],
+        "seen": {},
+        "seen_floor": None,
+        "profile": {"version": 0, "at": None, "events_applied": 0, "interests": {}, "totals": {}, "followers": 0},
+    }
+
+
+def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HALF_LIFE_S) -> ApplyResult:
+    at = event.created_at.timestamp()
+    result = _admit(state, event.event_id, at)
+    if not result.applied:
+        return result
+    is_reply = event.reply_to_post_id is not None
+    _count(state, at, "posts")
+    if is_reply:
+        _count(state, at, "replies")
+    for signal in extract_topics(event.text, event.hashtags, event.tags):
+        _add_interest(state, signal.topic, signal.weight, at, event.event_id, half_life_s)
+    if event.lang:
+        _add_language(state, event.lang.split("-")[0].lower())
+    _remember_post(state, event, at)
+    return result
+
+
+def apply_like(state: dict, event: LikeEvent) -> ApplyResult:
+    at = event.created_at.timestamp()
+    result = _admit(state, event.event_id, at)
+    if not result.applied:
+        return result
+    # NOTE: an unlike counts as a negative like given; the liked post's topics do not yet
+    # feed the liker's interests, because that needs a join with a post index.
+    _count(state, at, "likes_given", -1 if event.action == "unlike" else 1)
+    return result
+
+
+def apply_follow(state: dict, event: FollowEvent) -> ApplyResult:
+    at = event.created_at.timestamp()
+    result = _admit(state, event.event_id, at)
+    if not result.applied:
+        return result
+    step = 1 if event.action == "follow" else -1
+    state["following"] += step
+    _touch(state, at)
+    return result
+
+
+def apply_audience(state: dict, kind: str, event_id: str, at: float, step: int = 1) -> ApplyResult:
+    """Apply engagement another user caused: `like_received` or `followed` (step -1 undoes)."""
+    result = _admit(state, f"{kind}:{event_id}", at)
+    if not result.applied:
+        return result
+    if kind == "like_received":
+        _count(state, at, "likes_received", step)
+    elif kind == "followed":
+        state["followers"] += step
+        _count(state, at, "follows_gained" if step > 0 else "follows_lost")
+    else:
+        raise ValueError(f"unknown audience kind {kind!r}; expected 'like_received' or 'followed'")
+    return result
+
+
+def window_counts(state: dict, hours: int) -> dict[str, int]:
+    """Sum the hourly buckets of the last `hours` hours before the user's latest event."""
+    if state["last_seen"] is None:
+        return dict.fromkeys(COUNTERS, 0)
+    newest = int(state["last_seen"] // 3600)
+    sums = [0] * len(COUNTERS)
+    for hour, bucket in state["hours"].items():
+        if newest - int(hour) < hours:
+            for index, value in enumerate(bucket):
+                sums[index] += value
+    return dict(zip(COUNTERS, sums))
+
+
+def interest_weights(state: dict, at: float | None = None) -> dict[str, float]:
+    """Return decayed interest weights as of `at` (default: the reference time)."""
+    ref = state["interest_ref"]
+    if ref is None:
+        return {}
+    factor = 1.0 if at is None else math.pow(2.0, -(at - ref) / state.get("half_life_s", DEFAULT_HALF_LIFE_S))
+    return {topic: entry[0] * factor for topic, entry in state["interests"].items()}
+
+
+def top_interests(state: dict, limit: int) -> list[tuple[str, float, list[str]]]:
+    """Return up to `limit` (topic, weight, evidence ids newest first), heaviest first, ties by name."""
+    entries = sorted(state["interests"].items(), key=lambda item: (-item[1][0], item[0]))
+    return [(topic, entry[0], [event_id for _, event_id in reversed(entry[2])]) for topic, entry in entries[:limit]]
+
+
+def _admit(state: dict, event_id: str, at: float) -> ApplyResult:
+    seen = state["seen"]
+    if event_id in seen:
+        return DUPLICATE
+    floor = state["seen_floor"]
+    if floor is not None and at < floor:
+        return TOO_OLD
+    seen[event_id] = at
+    if len(seen) > MAX_SEEN_EVENTS:
+        oldest = min(seen, key=lambda key: (seen[key], key))
+        state["seen_floor"] = seen.pop(oldest)
+    state["events_applied"] += 1
+    return APPLIED
+
+
+def _touch(state: dict, at: float) -> None:
+    if state["first_seen"] is None or at < state["first_seen"]:
+        state["first_seen"] = at
+    if state["last_seen"] is None or at > state["last_seen"]:
+        state["last_seen"] = at
+        _expire_hours(state)
+
+
+def _count(state: dict, at: float, counter: str, step: int = 1) -> None:
+    _touch(state, at)
+    index = COUNTERS.index(counter)
+    state["totals"][counter] += step
+    hour = int(at // 3600)
+    if int(state["last_seen"] // 3600) - hour < WINDOW_HOURS:
+        bucket = state["hours"].setdefault(str(hour), [0] * len(COUNTERS))
+        bucket[index] += step
+    if counter in ("posts", "likes_given") and step > 0:
+        state["active_hours"][hour % 24] += 1
+
+
+def _expire_hours(state: dict) -> None:
+    newest = int(state["last_seen"] // 3600)
+    for hour in [hour for hour in state["hours"] if newest - int(hour) >= WINDOW_HOURS]:
+        del state["hours"][hour]
+
+
+def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: str, half_life_s: float) -> None:
+    interests = state["interests"]
+    ref = state["interest_ref"]
+    if ref is None:
+        ref = state["interest_ref"] = at
+    elif at > ref:
+        decay = math.pow(2.0, -(at - ref) / half_life_s)
+        for entry in interests.values():
+            entry[0] *= decay
+        ref = state["interest_ref"] = at
+    state["half_life_s"] = half_life_s
+    entry = interests.setdefault(topic, [0.0, 0, []])
+    entry[0] += weight * math.pow(2.0, (at - ref) / half_life_s)
+    entry[1] += 1
+    # Evidence keeps the latest events by event time, so arrival order does not matter.
+    evidence = entry[2]
+    evidence.append([at, event_id])
+    evidence.sort()
+    del evidence[:-MAX_EVIDENCE]
+    if len(interests) > MAX_TOPICS + MAX_TOPICS // 4:
+        keep = sorted(interests, key=lambda name: (-interests[name][0], name))[:MAX_TOPICS]
+        state["interests"] = {name: interests[name] for name in keep}
+
+
+def _add_language(state: dict, lang: str) -> None:
+    languages = state["languages"]
+    languages[lang] = languages.get(lang, 0) + 1
+    if len(languages) > MAX_LANGUAGES:
+        rarest = min(languages, key=lambda name: (languages[name], name))
+        del languages[rarest]
+
+
+def _remember_post(state: dict, event: PostEvent, at: float) -> None:
+    recent = state["recent_posts"]
+    recent.append({
+        "event_id": event.event_id,
+        "post_id": event.post_id,
+        "at": at,
+        "text": event.text[:RECENT_TEXT_CHARS],
+        "reply": event.reply_to_post_id is not None,
+    })
+    recent.sort(key=lambda post: (post["at"], post["event_id"]))
+    del recent[:-MAX_RECENT_POSTS]

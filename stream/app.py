@@ -1,0 +1,164 @@
+"""The Faust application: topics, the user-state table and the two agents.
+
+Agents are thin: they turn Faust events into `Record`s and hand them to the ingest and
+generation stages, which hold the logic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+import faust
+import orjson
+
+from handlers.errors import InvalidRecord
+from handlers.generation.llm import LLMGenerator
+from handlers.generation.service import ProfileGenerator
+from handlers.sinks.postgres import PostgresSink
+from handlers.sinks.topic import TopicSink
+
+from . import metrics
+from .generate import GenerationStage
+from .ingest import IngestStage
+from .records import Record, dead_letter_headers
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STATE_TABLE = "user-state"
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the worker's Faust app from validated settings."""
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap_servers}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=True,
+        web_enabled=False,
+        datadir=settings.data_dir,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
+        consumer_auto_offset_reset="earliest",
+        table_cleanup_interval=timedelta(minutes=1).total_seconds(),
+    )
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    ingest_channel = app.topic(*settings.input_topics, settings.topic_audience, **raw)
+    audience_topic = app.topic(settings.topic_audience, **raw)
+    regenerate_topic = app.topic(settings.topic_regenerate, **raw)
+    dead_letter_topic = app.topic(settings.topic_dead_letter, **raw)
+    profile_topic = app.topic(settings.topic_profiles, **raw)
+    state_schema = faust.Schema(key_type=str, value_type=dict, key_serializer="json", value_serializer="json")
+    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, schema=state_schema)
+
+    emitter = _FaustEmitter(audience_topic, regenerate_topic, dead_letter_topic)
+    ingest = IngestStage(settings, table, emitter)
+    resources = _Resources(settings, profile_topic)
+
+    @app.agent(ingest_channel, name="ingest")
+    async def ingest_agent(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            await ingest.handle(_record(event))
+
+    @app.agent(regenerate_topic, name="generate", concurrency=settings.generation_concurrency)
+    async def generate_agent(stream: faust.StreamT) -> None:
+        stage = await resources.stage()
+        async for event in stream.events():
+            await stage.handle(_record(event))
+
+    @app.timer(interval=10.0)
+    async def report_state_size() -> None:
+        metrics.STATE_USERS.set(len(table))
+
+    @app.on_before_shutdown.connect
+    async def close_resources(app: faust.App, **kwargs: object) -> None:
+        await resources.close()
+
+    return app
+
+
+class _FaustEmitter:
+    def __init__(self, audience: faust.TopicT, regenerate: faust.TopicT, dead_letter: faust.TopicT) -> None:
+        self._audience = audience
+        self._regenerate = regenerate
+        self._dead_letter = dead_letter
+
+    async def dead_letter(self, record: Record, error: InvalidRecord) -> None:
+        headers = dead_letter_headers(record, error.reason, error.detail)
+        await self._dead_letter.send(key=record.key, value=record.value, headers=headers)
+
+    async def audience(self, user_id: str, message: dict) -> None:
+        await self._audience.send(key=user_id.encode(), value=orjson.dumps(message))
+
+    async def regenerate(self, user_id: str, request: dict) -> None:
+        await self._regenerate.send(key=user_id.encode(), value=orjson.dumps(request))
+
+
+class _Resources:
+    """Connections the generation stage needs, opened once inside Faust's event loop."""
+
+    def __init__(self, settings: Settings, profile_topic: faust.TopicT) -> None:
+        self._settings = settings
+        self._profile_topic = profile_topic
+        self._lock = asyncio.Lock()
+        self._stage: GenerationStage | None = None
+        self._closers: list = []
+
+    async def stage(self) -> GenerationStage:
+        async with self._lock:
+            if self._stage is None:
+                self._stage = await self._open()
+        return self._stage
+
+    async def _open(self) -> GenerationStage:
+        settings = self._settings
+        llm = None
+        if settings.llm_base_url:
+            llm = LLMGenerator(
+                base_url=settings.llm_base_url,
+                api_key=settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unused",
+                model=settings.llm_model or "",
+                language=settings.profile_language,
+                timeout_s=settings.llm_timeout_s,
+                max_retries=settings.llm_max_retries,
+            )
+        generator = ProfileGenerator(language=settings.profile_language, llm=llm)
+        self._closers.append(generator.close)
+        sinks: list = []
+        if settings.postgres_dsn is not None:
+            postgres = PostgresSink(
+                settings.postgres_dsn.get_secret_value(),
+                pool_max=settings.postgres_pool_max,
+                acquire_timeout_s=settings.postgres_acquire_timeout_s,
+            )
+            await postgres.start()
+            self._closers.append(postgres.close)
+            sinks.append(postgres)
+        sinks.append(TopicSink(self._send_profile))
+        logger.info("generation.ready generator=%s sinks=%s", "llm" if llm else "rules", ",".join(sink.name for sink in sinks))
+        return GenerationStage(generator, sinks)
+
+    async def _send_profile(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        pending = await self._profile_topic.send(key=key, value=value, headers=headers)
+        await pending
+
+    async def close(self) -> None:
+        for close in reversed(self._closers):
+            await close()
+        self._closers.clear()
+
+
+def _record(event: faust.EventT) -> Record:
+    message = event.message
+    return Record(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        headers=tuple(message.headers or ()),
+    )

@@ -1,0 +1,133 @@
+"""The zero-configuration demo: local Kafka and Postgres, the bundled real data, profiles.
+
+Everything the demo starts is stopped on the way out, also on Ctrl+C or an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from handlers.sinks.postgres import PostgresSink
+
+from .progress import wait_until_caught_up
+from .replay import replay
+from .report import format_profile
+from .services.kafka import KafkaBroker
+from .services.postgres import PostgresCluster
+from .services.ports import free_port
+from .settings import ENV_PREFIX, Settings, load_settings
+from .worker import prepare
+
+BUNDLED_DATA = "stackexchange-quantumcomputing.jsonl.gz"
+WORKER_STOP_TIMEOUT_S = 30.0
+
+
+def bundled_data_path() -> Path:
+    return Path(str(resources.files("stream").joinpath("data", BUNDLED_DATA)))
+
+
+def run_demo(*, keep_running: bool, timeout_s: float, top: int) -> int:
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="profilestream-demo-")))
+        print("starting Kafka and Postgres on 127.0.0.1 ...", flush=True)
+        broker = stack.enter_context(KafkaBroker())
+        cluster = stack.enter_context(PostgresCluster())
+        settings = load_settings(
+            kafka_bootstrap_servers=broker.bootstrap_servers,
+            postgres_dsn=cluster.dsn,
+            app_id="profilestream-demo",
+            partitions=2,
+            http_port=free_port(),
+            data_dir=str(workdir / "worker-data"),
+            kafka_session_timeout_s=10.0,
+        )
+        asyncio.run(prepare(settings))
+        data = bundled_data_path()
+        print(f"replaying {data.name} (Stack Exchange, CC BY-SA; see stream/data/ATTRIBUTION.md)", flush=True)
+        sent = asyncio.run(replay(data, settings)).sent
+        worker = stack.enter_context(_worker_process(settings, workdir / "worker.log"))
+        print(f"worker running (pid {worker.pid}, log {workdir / 'worker.log'}, metrics http://{settings.http_host}:{settings.http_port}/metrics)", flush=True)
+        consumed_s = _wait_for_worker(settings, worker, sent, timeout_s)
+        profiles = asyncio.run(_fetch_top(settings, top))
+        _print_report(profiles, settings, sent, consumed_s, time.monotonic() - started)
+        if keep_running:
+            print("services keep running; press Ctrl+C to stop them", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                worker.wait()
+    return 0
+
+
+@contextlib.contextmanager
+def _worker_process(settings: Settings, log_path: Path):
+    env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
+    env.update(_settings_env(settings))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "stream", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    env = {}
+    for name in ("kafka_bootstrap_servers", "app_id", "partitions", "http_port", "data_dir", "kafka_session_timeout_s"):
+        env[f"{ENV_PREFIX}{name.upper()}"] = str(getattr(settings, name))
+    env[f"{ENV_PREFIX}POSTGRES_DSN"] = settings.postgres_dsn.get_secret_value()
+    return env
+
+
+def _wait_for_worker(settings: Settings, worker: subprocess.Popen, sent: int, timeout_s: float) -> float:
+    started = time.monotonic()
+    with tqdm(total=sent, desc="worker progress", unit="record") as bar:
+
+        def on_poll(lag: int, committed: int) -> None:
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log")
+            bar.total = max(bar.total, committed + lag)
+            bar.n = committed
+            bar.refresh()
+
+        asyncio.run(wait_until_caught_up(settings, timeout_s=timeout_s, on_poll=on_poll))
+    return time.monotonic() - started
+
+
+async def _fetch_top(settings: Settings, top: int) -> list[dict]:
+    sink = PostgresSink(settings.postgres_dsn.get_secret_value(), pool_max=1)
+    await sink.start()
+    try:
+        return await sink.fetch_top(top)
+    finally:
+        await sink.close()
+
+
+def _print_report(profiles: list[dict], settings: Settings, sent: int, consumed_s: float, total_s: float) -> None:
+    print()
+    print(f"Profiles of the {len(profiles)} most active users:")
+    print()
+    for profile in profiles:
+        print(format_profile(profile))
+        print()
+    print(f"{sent} events replayed; the worker caught up {consumed_s:.1f} s after it started"
+          f" ({sent / max(consumed_s, 1e-9):.0f} events/s including start-up); demo wall time {total_s:.1f} s.")
+    print(f"Stored in Postgres (tables profiles_current and profiles_history) and on the compacted topic"
+          f" {settings.topic_profiles!r} at {settings.kafka_bootstrap_servers}; both are removed when the demo exits"
+          " unless --keep-running is given.")

@@ -1,0 +1,144 @@
+"""The ingest stage: one input record in, state updated, follow-up records out.
+
+The stage is written against small interfaces (a mutable mapping for the state table and an
+`Emitter` for outgoing records) so the Faust agent stays a thin adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import MutableMapping
+from datetime import UTC, datetime
+from typing import Callable, Protocol
+
+import orjson
+
+from handlers import features, significance, state as user_state
+from handlers.errors import InvalidRecord
+from handlers.events import Event, FollowEvent, LikeEvent, PostEvent, decode_event
+
+from . import metrics
+from .records import Record
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Emitter(Protocol):
+    async def dead_letter(self, record: Record, error: InvalidRecord) -> None: ...
+
+    async def audience(self, user_id: str, message: dict) -> None: ...
+
+    async def regenerate(self, user_id: str, request: dict) -> None: ...
+
+
+class IngestStage:
+    """Apply records to per-user state and request regenerations when a user changed enough."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        table: MutableMapping[str, dict],
+        emitter: Emitter,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._settings = settings
+        self._table = table
+        self._emitter = emitter
+        self._clock = clock
+        self._kinds = settings.input_topics
+        self._thresholds = settings.thresholds
+
+    async def handle(self, record: Record) -> str:
+        """Process one record and return its outcome; bad records go to the dead-letter topic."""
+        kind = "audience" if record.topic == self._settings.topic_audience else self._kinds.get(record.topic, "unknown")
+        try:
+            outcome = await self._apply(kind, record)
+        except InvalidRecord as error:
+            logger.warning(
+                "record.dead_lettered reason=%s topic=%s partition=%s offset=%s error=%s",
+                error.reason, record.topic, record.partition, record.offset, error.detail,
+            )
+            await self._emitter.dead_letter(record, error)
+            metrics.DEAD_LETTERS.labels(error.reason).inc()
+            outcome = "dead_letter"
+        metrics.EVENTS.labels(kind, outcome).inc()
+        return outcome
+
+    async def _apply(self, kind: str, record: Record) -> str:
+        if record.value is None:
+            raise InvalidRecord("missing_value", f"record at {record.position()} has no value")
+        if kind == "audience":
+            return await self._apply_audience(record)
+        if kind == "unknown":
+            raise InvalidRecord("unknown_topic", f"topic {record.topic!r} is not an input topic")
+        event = decode_event(kind, record.value, now=self._clock(), max_future_s=self._settings.max_future_s)
+        _check_key(record, event.user_id)
+        state = self._table.get(event.user_id) or user_state.new_state(event.user_id)
+        result = self._update(state, event)
+        if not result.applied:
+            return result.outcome
+        await self._emit_audience(event)
+        await self._decide(state)
+        self._table[event.user_id] = state
+        return result.outcome
+
+    def _update(self, state: dict, event: Event) -> user_state.ApplyResult:
+        if isinstance(event, PostEvent):
+            return user_state.apply_post(state, event, half_life_s=self._settings.interest_half_life_s)
+        if isinstance(event, LikeEvent):
+            return user_state.apply_like(state, event)
+        return user_state.apply_follow(state, event)
+
+    async def _emit_audience(self, event: Event) -> None:
+        at = event.created_at.timestamp()
+        if isinstance(event, LikeEvent) and event.post_author_id != event.user_id:
+            step = -1 if event.action == "unlike" else 1
+            await self._emitter.audience(event.post_author_id, _audience("like_received", event, at, step))
+        elif isinstance(event, FollowEvent) and event.followee_id != event.follower_id:
+            step = -1 if event.action == "unfollow" else 1
+            await self._emitter.audience(event.followee_id, _audience("followed", event, at, step))
+
+    async def _apply_audience(self, record: Record) -> str:
+        try:
+            message = orjson.loads(record.value)
+            user_id, kind, event_id = message["user_id"], message["kind"], message["event_id"]
+            at, step = float(message["at"]), int(message["step"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise InvalidRecord("invalid_internal", f"audience record at {record.position()} is malformed: {exc!r}") from None
+        _check_key(record, user_id)
+        state = self._table.get(user_id) or user_state.new_state(user_id)
+        try:
+            result = user_state.apply_audience(state, kind, event_id, at, step)
+        except ValueError as exc:
+            raise InvalidRecord("invalid_internal", str(exc)) from None
+        if result.applied:
+            await self._decide(state)
+            self._table[user_id] = state
+        return result.outcome
+
+    async def _decide(self, state: dict) -> None:
+        decision = significance.decide(state, self._thresholds)
+        if not decision.regenerate:
+            return
+        version = significance.take_snapshot(state)
+        for reason in decision.reasons:
+            metrics.TRIGGERS.labels(reason).inc()
+        request = features.build_request(state, version, decision.reasons)
+        await self._emitter.regenerate(state["user_id"], request)
+
+
+def _audience(kind: str, event: Event, at: float, step: int) -> dict:
+    target = event.post_author_id if isinstance(event, LikeEvent) else event.followee_id
+    return {"kind": kind, "user_id": target, "event_id": event.event_id, "at": at, "step": step}
+
+
+def _check_key(record: Record, user_id: str) -> None:
+    # State lives in the partition of the record's key, so a key that is not the acting
+    # user would put the user's state in two partitions.
+    if record.key != user_id.encode():
+        raise InvalidRecord(
+            "key_mismatch",
+            f"record key {record.key!r} at {record.position()} is not the acting user id {user_id!r};"
+            " produce events keyed by the acting user id",
+        )

@@ -1,0 +1,32 @@
+"""Prometheus metrics of the worker. No label ever takes a user id, post id or free text."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter(
+    "profilestream_events", "Input records by event type and outcome.", ["type", "outcome"]
+)
+DEAD_LETTERS = Counter(
+    "profilestream_dead_letters", "Records sent to the dead-letter topic, by reason.", ["reason"]
+)
+TRIGGERS = Counter(
+    "profilestream_triggers", "Profile regenerations requested, by trigger reason.", ["reason"]
+)
+GENERATIONS = Counter(
+    "profilestream_generations", "Profiles generated, by generator and outcome.", ["generator", "outcome"]
+)
+GENERATION_SECONDS = Histogram(
+    "profilestream_generation_seconds", "Time to generate one profile, fallback included.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60),
+)
+SINK_WRITES = Counter(
+    "profilestream_sink_writes", "Profile writes by sink and outcome.", ["sink", "outcome"]
+)
+SINK_SECONDS = Histogram(
+    "profilestream_sink_write_seconds", "Time of one profile write, by sink.", ["sink"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+)
+STATE_USERS = Gauge(
+    "profilestream_state_users", "Users whose state this worker holds in memory."
+)

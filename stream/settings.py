@@ -1,0 +1,108 @@
+"""One frozen, validated settings object, read from PROFILESTREAM_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from handlers.errors import ConfigError
+from handlers.significance import Thresholds
+
+ENV_PREFIX = "PROFILESTREAM_"
+
+
+class Settings(BaseSettings):
+    """Every setting of the worker; the README's configuration table lists them."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    app_id: str = Field("profilestream", description="Kafka consumer group id and prefix of internal topics.")
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list of the Kafka brokers.")
+    topic_posts: str = Field("posts", description="Input topic of post.v1 events.")
+    topic_likes: str = Field("likes", description="Input topic of like.v1 events.")
+    topic_follows: str = Field("follows", description="Input topic of follow.v1 events.")
+    topic_profiles: str = Field("profiles", description="Compacted output topic of profile.v1 documents.")
+    topic_dead_letter: str = Field("profilestream-dead-letter", description="Topic for records that cannot be applied.")
+    partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic the project creates; input topics must all have this count.")
+    replication_factor: int = Field(1, ge=1, le=7, description="Replication factor of the topics the project creates.")
+    kafka_session_timeout_s: float = Field(30.0, gt=0, description="Consumer group session timeout, in seconds.")
+
+    postgres_dsn: SecretStr | None = Field(None, description="Postgres connection string; unset disables the Postgres sink.")
+    postgres_pool_max: int = Field(5, ge=1, le=100, description="Maximum connections in the Postgres pool.")
+    postgres_acquire_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for a pooled connection.")
+
+    llm_base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible API; unset uses the rules generator only.")
+    llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")
+    llm_model: str | None = Field(None, description="Model name sent to the LLM endpoint.")
+    llm_timeout_s: float = Field(30.0, gt=0, le=600, description="Total timeout of one model call, in seconds.")
+    llm_max_retries: int = Field(2, ge=0, le=10, description="Retries of a failed model call.")
+    generation_concurrency: int = Field(4, ge=1, le=256, description="Profiles generated at the same time by one worker.")
+    profile_language: Literal["en", "zh"] = Field("en", description="Language of the profile summary.")
+
+    max_future_s: float = Field(600.0, ge=0, description="Events stamped further ahead of the clock than this are dead-lettered.")
+    interest_half_life_s: float = Field(30 * 24 * 3600.0, gt=0, description="Half-life of interest weights, in seconds of event time.")
+    min_events_new_user: int = Field(5, ge=1, description="Events a new user needs before the first profile.")
+    interest_drift: float = Field(0.35, gt=0, le=1, description="Interest drift (1 - cosine) that triggers a new profile.")
+    cooldown_s: float = Field(6 * 3600.0, ge=0, description="Minimum event time between two profiles of a user, in seconds.")
+    new_content_events: int = Field(50, ge=1, description="New events since the last profile that trigger a new one.")
+    stale_after_s: float = Field(30 * 24 * 3600.0, gt=0, description="Event time after which any change triggers a new profile.")
+
+    http_host: str = Field("127.0.0.1", description="Address of the worker's HTTP server (/metrics).")
+    http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server (/metrics).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of the worker.")
+    data_dir: str = Field(".profilestream-data", description="Folder for the worker's local files.")
+
+    @model_validator(mode="after")
+    def _check_llm(self) -> Settings:
+        if self.llm_base_url and not self.llm_model:
+            raise ValueError(f"{ENV_PREFIX}LLM_BASE_URL is set but {ENV_PREFIX}LLM_MODEL is not; set the model name too")
+        if self.llm_model and not self.llm_base_url:
+            raise ValueError(f"{ENV_PREFIX}LLM_MODEL is set but {ENV_PREFIX}LLM_BASE_URL is not; set the endpoint too")
+        return self
+
+    @property
+    def input_topics(self) -> dict[str, str]:
+        """Map each input topic name to the event kind it carries."""
+        return {self.topic_posts: "post", self.topic_likes: "like", self.topic_follows: "follow"}
+
+    @property
+    def topic_audience(self) -> str:
+        return f"{self.app_id}-audience"
+
+    @property
+    def topic_regenerate(self) -> str:
+        return f"{self.app_id}-regenerate"
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(
+            min_events_new_user=self.min_events_new_user,
+            interest_drift=self.interest_drift,
+            cooldown_s=self.cooldown_s,
+            new_content_events=self.new_content_events,
+            stale_after_s=self.stale_after_s,
+        )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one ConfigError naming each variable."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    unknown = sorted(name for name in os.environ if name.startswith(ENV_PREFIX) and name not in known)
+    # Test-only variables of the test suite share the prefix.
+    unknown = [name for name in unknown if not name.startswith(f"{ENV_PREFIX}TEST_") and name != f"{ENV_PREFIX}CACHE_DIR"]
+    if unknown:
+        raise ConfigError(f"unknown setting {', '.join(unknown)}; check the spelling against the README's configuration table")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+            value = error.get("input")
+            shown = "" if "secret" in field or "key" in field or "dsn" in field else f" (got {value!r})"
+            problems.append(f"{name}: {error['msg']}{shown}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,111 @@
+"""Trigger decisions: new users, drift, new content, staleness and cooldown."""
+
+from datetime import UTC, datetime, timedelta
+
+from handlers import significance, state as user_state
+from handlers.events import PostEvent
+
+T0 = datetime(2024, 6, 1, tzinfo=UTC)
+RULES = significance.Thresholds(min_events_new_user=3, interest_drift=0.3, min_new_events=2,
+                                new_content_events=20, cooldown_s=3600, stale_after_s=10 * 24 * 3600)
+
+
+def post(state: dict, n: int, hours: float, tag: str) -> None:
+    event = PostEvent(f"e{n}", "u1", f"p{n}", T0 + timedelta(hours=hours), "", tags=(tag,))
+    user_state.apply_post(state, event)
+
+
+def profiled_state() -> dict:
+    state = user_state.new_state("u1")
+    for n in range(3):
+        post(state, n, n, "qiskit")
+    significance.take_snapshot(state)
+    return state
+
+
+def test_new_user_needs_min_events():
+    state = user_state.new_state("u1")
+    post(state, 1, 0, "qiskit")
+    post(state, 2, 1, "qiskit")
+    assert not significance.decide(state, RULES).regenerate
+    post(state, 3, 2, "qiskit")
+    decision = significance.decide(state, RULES)
+    assert decision.regenerate
+    assert decision.reasons == ("new_user",)
+
+
+def test_no_new_events_never_regenerates():
+    state = profiled_state()
+    state["last_seen"] += 365 * 24 * 3600
+    assert not significance.decide(state, RULES).regenerate
+
+
+def test_interest_drift_triggers():
+    state = profiled_state()
+    for n in range(10, 16):
+        post(state, n, 10 + n, "error-correction")
+    decision = significance.decide(state, RULES)
+    assert decision.regenerate
+    assert "interest_drift" in decision.reasons
+    assert decision.score >= RULES.interest_drift
+
+
+def test_same_interests_do_not_trigger():
+    state = profiled_state()
+    for n in range(10, 14):
+        post(state, n, 10 + n, "qiskit")
+    assert not significance.decide(state, RULES).regenerate
+
+
+def test_cooldown_blocks_drift():
+    state = profiled_state()
+    for n in range(10, 16):
+        post(state, n, 2.1 + n / 100, "error-correction")
+    assert not significance.decide(state, RULES).regenerate
+
+
+def test_new_content_triggers_without_drift():
+    state = profiled_state()
+    for n in range(10, 10 + RULES.new_content_events):
+        post(state, n, 10 + n, "qiskit")
+    decision = significance.decide(state, RULES)
+    assert decision.reasons == ("new_content",)
+
+
+def test_stale_with_any_change_triggers():
+    state = profiled_state()
+    post(state, 10, 24 * 11, "qiskit")
+    decision = significance.decide(state, RULES)
+    assert decision.reasons == ("stale",)
+
+
+def test_snapshot_versions_increase():
+    state = profiled_state()
+    assert state["profile"]["version"] == 1
+    post(state, 10, 24 * 11, "qiskit")
+    assert significance.take_snapshot(state) == 2
+    assert state["profile"]["events_applied"] == state["events_applied"]
+
+
+def test_drift_of_disjoint_vectors_is_one():
+    assert significance.interest_drift({"a": 1.0}, {"b": 1.0}) == 1.0
+    assert significance.interest_drift({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) < 1e-9
+    assert significance.interest_drift({}, {}) == 0.0
+
+
+def test_new_content_passes_cooldown():
+    state = profiled_state()
+    for n in range(10, 10 + RULES.new_content_events):
+        post(state, n, 2.1 + n / 1000, "qiskit")
+    assert significance.decide(state, RULES).reasons == ("new_content",)
+
+
+def test_first_interests_pass_cooldown():
+    state = user_state.new_state("u1")
+    state["events_applied"] = RULES.min_events_new_user
+    state["last_seen"] = (T0 + timedelta(days=90)).timestamp()
+    significance.take_snapshot(state)
+    for n in range(RULES.min_new_events):
+        post(state, n, n, "qiskit")
+    decision = significance.decide(state, RULES)
+    assert decision.reasons == ("interest_drift",)

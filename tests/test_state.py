@@ -1,0 +1,181 @@
+"""Per-user state updates: counts, windows, interests, dedup and bounds."""
+
+import itertools
+import random
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from handlers import state as user_state
+from handlers.events import FollowEvent, LikeEvent, PostEvent
+
+T0 = datetime(2024, 6, 1, tzinfo=UTC)
+
+
+def make_post(n: int, hours: float = 0, tags=("qiskit",), reply: bool = False, lang: str | None = "en") -> PostEvent:
+    return PostEvent(
+        event_id=f"e{n}", user_id="u1", post_id=f"p{n}", created_at=T0 + timedelta(hours=hours),
+        text="Grover search on superconducting qubits", tags=tuple(tags), lang=lang,
+        reply_to_post_id="p0" if reply else None,
+    )
+
+
+def apply_all(events) -> dict:
+    state = user_state.new_state("u1")
+    for event in events:
+        if isinstance(event, PostEvent):
+            user_state.apply_post(state, event)
+        elif isinstance(event, LikeEvent):
+            user_state.apply_like(state, event)
+        else:
+            user_state.apply_follow(state, event)
+    return state
+
+
+def test_post_counts_and_reply():
+    state = apply_all([make_post(1), make_post(2, reply=True)])
+    assert state["totals"]["posts"] == 2
+    assert state["totals"]["replies"] == 1
+    assert state["events_applied"] == 2
+
+
+def test_duplicate_event_is_noop():
+    state = apply_all([make_post(1)])
+    before = orjson.dumps(state, option=orjson.OPT_SORT_KEYS)
+    result = user_state.apply_post(state, make_post(1))
+    assert result.outcome == "duplicate"
+    assert orjson.dumps(state, option=orjson.OPT_SORT_KEYS) == before
+
+
+def test_window_excludes_old_hours():
+    state = apply_all([make_post(1, hours=0), make_post(2, hours=200)])
+    assert user_state.window_counts(state, 24)["posts"] == 1
+    assert user_state.window_counts(state, 7 * 24)["posts"] == 1
+    assert state["totals"]["posts"] == 2
+
+
+def test_late_event_counts_in_totals_not_window():
+    state = apply_all([make_post(2, hours=200), make_post(1, hours=0)])
+    assert state["totals"]["posts"] == 2
+    assert user_state.window_counts(state, 7 * 24)["posts"] == 1
+    assert state["first_seen"] == T0.timestamp()
+
+
+def test_interest_decays_with_event_time():
+    state = apply_all([make_post(1, hours=0, tags=("old",)), make_post(2, hours=30 * 24, tags=("new",))])
+    weights = user_state.interest_weights(state)
+    assert weights["new"] == pytest.approx(1.0)
+    assert weights["old"] == pytest.approx(0.5, rel=0.01)
+
+
+def test_interest_evidence_is_latest_events():
+    posts = [make_post(n, hours=n) for n in range(10)]
+    state = apply_all(posts)
+    topic, _, evidence = user_state.top_interests(state, 1)[0]
+    assert topic == "qiskit"
+    assert evidence == ["e9", "e8", "e7", "e6", "e5"]
+
+
+def test_follow_and_unfollow_counts():
+    follow = FollowEvent("f1", "u1", "u2", T0)
+    unfollow = FollowEvent("f2", "u1", "u2", T0 + timedelta(hours=1), action="unfollow")
+    state = apply_all([follow, unfollow, FollowEvent("f3", "u1", "u3", T0)])
+    assert state["following"] == 1
+
+
+def test_unfollow_before_follow_nets_zero():
+    state = apply_all([FollowEvent("f2", "u1", "u2", T0, action="unfollow")])
+    assert state["following"] == -1
+    state = apply_all([FollowEvent("f2", "u1", "u2", T0, action="unfollow"), FollowEvent("f1", "u1", "u2", T0)])
+    assert state["following"] == 0
+
+
+def test_audience_like_and_follower():
+    state = user_state.new_state("u1")
+    user_state.apply_audience(state, "like_received", "l1", T0.timestamp())
+    user_state.apply_audience(state, "followed", "f1", T0.timestamp())
+    user_state.apply_audience(state, "followed", "f1", T0.timestamp())
+    assert state["totals"]["likes_received"] == 1
+    assert state["followers"] == 1
+
+
+def test_audience_unknown_kind_raises():
+    with pytest.raises(ValueError, match="unknown audience kind"):
+        user_state.apply_audience(user_state.new_state("u1"), "boosted", "b1", T0.timestamp())
+
+
+def test_dedup_horizon_drops_older_events():
+    posts = [make_post(n, hours=n / 10) for n in range(user_state.MAX_SEEN_EVENTS + 10)]
+    state = apply_all(posts)
+    result = user_state.apply_post(state, make_post(99_999, hours=-1))
+    assert result.outcome == "beyond_dedup_horizon"
+    assert len(state["seen"]) == user_state.MAX_SEEN_EVENTS
+
+
+def test_state_size_bounded_for_heavy_user():
+    rng = random.Random(7)
+    posts = [make_post(n, hours=n / 3, tags=(f"t{rng.randrange(500)}", f"t{rng.randrange(500)}"),
+                       lang=rng.choice(["en", "zh", "de", "fr", "es", "it", "ja", "ko", "pt", "ru"]))
+             for n in range(5000)]
+    state = apply_all(posts)
+    assert len(state["interests"]) <= user_state.MAX_TOPICS + user_state.MAX_TOPICS // 4
+    assert len(state["hours"]) <= user_state.WINDOW_HOURS
+    assert len(state["recent_posts"]) == user_state.MAX_RECENT_POSTS
+    assert len(state["languages"]) <= user_state.MAX_LANGUAGES
+    assert len(orjson.dumps(state)) < 200_000
+
+
+event_specs = st.lists(
+    st.tuples(st.integers(0, 40), st.floats(0, 24 * 10), st.sampled_from(["a", "b", "c"]), st.booleans(),
+              st.sampled_from(["post", "like", "follow", "unfollow"])),
+    min_size=1, max_size=30, unique_by=lambda spec: spec[0],
+)
+
+
+def build_events(specs) -> list:
+    events = []
+    for n, hours, tag, reply, kind in specs:
+        at = T0 + timedelta(hours=hours)
+        if kind == "post":
+            events.append(PostEvent(f"e{n}", "u1", f"p{n}", at, f"text about {tag}", tags=(tag,),
+                                    reply_to_post_id="p0" if reply else None, lang="en"))
+        elif kind == "like":
+            events.append(LikeEvent(f"e{n}", "u1", f"p{n}", "u2", at))
+        else:
+            events.append(FollowEvent(f"e{n}", "u1", f"u{n}", at, action=kind))
+    return events
+
+
+def comparable(state: dict) -> dict:
+    copy = orjson.loads(orjson.dumps(state))
+    copy["interests"] = {topic: [round(entry[0], 9), entry[1], entry[2]] for topic, entry in copy["interests"].items()}
+    copy["interest_ref"] = None
+    return copy
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_specs, st.randoms(use_true_random=False))
+def test_any_order_gives_same_state(specs, rng):
+    events = build_events(specs)
+    shuffled = list(events)
+    rng.shuffle(shuffled)
+    assert comparable(apply_all(events)) == comparable(apply_all(shuffled))
+
+
+@settings(max_examples=100, deadline=None)
+@given(event_specs)
+def test_replayed_events_are_noops(specs):
+    events = build_events(specs)
+    once = apply_all(events)
+    twice = apply_all(events + events)
+    assert orjson.dumps(once, option=orjson.OPT_SORT_KEYS) == orjson.dumps(twice, option=orjson.OPT_SORT_KEYS)
+
+
+def test_follow_unfollow_any_order():
+    events = [FollowEvent("f1", "u1", "u2", T0), FollowEvent("f2", "u1", "u2", T0 + timedelta(hours=1), action="unfollow")]
+    results = set()
+    for order in itertools.permutations(events):
+        results.add(apply_all(order)["following"])
+    assert results == {0}
