@@ -106,3 +106,13 @@ def load_settings(**overrides: object) -> Settings:
             shown = "" if "secret" in field or "key" in field or "dsn" in field else f" (got {value!r})"
             problems.append(f"{name}: {error['msg']}{shown}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def settings_table() -> str:
+    """Render the README's configuration table from the settings' fields."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else f"`{default}`"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {shown} | {field.description} |")
+    return "\n".join(rows)

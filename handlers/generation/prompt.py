@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 
 # ISO 639-1 code to (English name, the language's own name). The prompt gives the model both.
@@ -50,6 +51,10 @@ _MIN_INTERNATIONAL_DIGITS = 8
 _MIN_NATIONAL_DIGITS = 10
 _CHINA_MOBILE_DIGITS = 11
 _MAX_PHONE_DIGITS = 15  # E.164 allows at most 15 digits.
+# Token estimate without a tokenizer: English text averages about four characters per
+# token in OpenAI's tokenizers, and a CJK character is one token or more.
+ASCII_CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
 
 
 def redact_pii(text: str) -> str:
@@ -142,3 +147,20 @@ def build_messages(request: dict, language: str) -> list[dict[str, str]]:
         {"role": "system", "content": system_message(language)},
         {"role": "user", "content": content},
     ]
+
+
+def estimate_tokens(messages: list[dict[str, str]]) -> int:
+    """Estimate the prompt tokens of `messages` without a tokenizer.
+
+    ASCII characters count a quarter token each, any other character a whole token, plus
+    TOKENS_PER_MESSAGE for each message's role and separators. The result is an estimate
+    that is usually above the real count for CJK text and near it for English.
+    """
+    ascii_chars = 0
+    other_chars = 0
+    for message in messages:
+        content = message["content"]
+        ascii_count = len(content.encode("ascii", "ignore"))
+        ascii_chars += ascii_count
+        other_chars += len(content) - ascii_count
+    return math.ceil(ascii_chars / ASCII_CHARS_PER_TOKEN) + other_chars + TOKENS_PER_MESSAGE * len(messages)
