@@ -10,8 +10,8 @@ Ordering rules:
   float rounding and top-K pruning);
 - an event older than the window span (7 days before the user's latest event) still counts
   in totals and interests but no longer in the hourly windows;
-- duplicate event ids change nothing; once the dedup set is full, an event older than its
-  oldest id cannot be checked and is dropped as `beyond_dedup_horizon`;
+- duplicate event ids change nothing. Once the dedup set is full, an event older than its
+  oldest id cannot be checked, so it is dropped as `beyond_dedup_horizon`;
 - counts are signed sums (an unfollow subtracts one even when its follow has not arrived yet),
   so they commute; readers clamp them at zero.
 """
@@ -97,8 +97,8 @@ def apply_like(state: dict, event: LikeEvent) -> ApplyResult:
     result = _admit(state, event.event_id, at)
     if not result.applied:
         return result
-    # NOTE: an unlike counts as a negative like given; the liked post's topics do not yet
-    # feed the liker's interests, because that needs a join with a post index.
+    # NOTE: the liked post's topics do not yet feed the liker's interests, because that
+    # needs a join with a post index keyed by post id. An unlike counts as -1 like given.
     _count(state, at, "likes_given", -1 if event.action == "unlike" else 1)
     return result
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
 
 import faust
@@ -52,17 +53,21 @@ def create_app(settings: Settings) -> faust.App:
     regenerate_topic = app.topic(settings.topic_regenerate, **raw)
     dead_letter_topic = app.topic(settings.topic_dead_letter, **raw)
     profile_topic = app.topic(settings.topic_profiles, **raw)
-    state_schema = faust.Schema(key_type=str, value_type=dict, key_serializer="json", value_serializer="json")
-    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, schema=state_schema)
+    # Keys are the raw user id bytes and the producer's partitioner places each changelog
+    # record, so a user's state lands in the partition of the user's input records even
+    # when one batch spans several partitions.
+    state_schema = faust.Schema(key_type=bytes, value_type=dict, key_serializer="raw", value_serializer="json")
+    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, schema=state_schema,
+                      use_partitioner=True)
 
     emitter = _FaustEmitter(audience_topic, regenerate_topic, dead_letter_topic)
-    ingest = IngestStage(settings, table, emitter)
+    ingest = IngestStage(settings, _UserKeyedTable(table), emitter)
     resources = _Resources(settings, profile_topic)
 
     @app.agent(ingest_channel, name="ingest")
     async def ingest_agent(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await ingest.handle(_record(event))
+        async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
+            await ingest.handle_batch([_record(event) for event in events])
 
     @app.agent(regenerate_topic, name="generate", concurrency=settings.generation_concurrency)
     async def generate_agent(stream: faust.StreamT) -> None:
@@ -79,6 +84,31 @@ def create_app(settings: Settings) -> faust.App:
         await resources.close()
 
     return app
+
+
+class _UserKeyedTable(MutableMapping[str, dict]):
+    """The state table seen with str user ids as keys; the table itself keys by bytes."""
+
+    def __init__(self, table: faust.Table) -> None:
+        self._table = table
+
+    def __getitem__(self, user_id: str) -> dict:
+        value = self._table.get(user_id.encode())
+        if value is None:
+            raise KeyError(user_id)
+        return value
+
+    def __setitem__(self, user_id: str, state: dict) -> None:
+        self._table[user_id.encode()] = state
+
+    def __delitem__(self, user_id: str) -> None:
+        del self._table[user_id.encode()]
+
+    def __iter__(self) -> Iterator[str]:
+        return (key.decode() for key in self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 class _FaustEmitter:

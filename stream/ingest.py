@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Callable, Protocol
 
@@ -32,6 +33,14 @@ class Emitter(Protocol):
     async def regenerate(self, user_id: str, request: dict) -> None: ...
 
 
+@dataclass
+class _Batch:
+    """Users' states loaded during one batch, and the users whose state changed."""
+
+    states: dict[str, dict] = field(default_factory=dict)
+    changed: set[str] = field(default_factory=set)
+
+
 class IngestStage:
     """Apply records to per-user state and request regenerations when a user changed enough."""
 
@@ -51,9 +60,26 @@ class IngestStage:
 
     async def handle(self, record: Record) -> str:
         """Process one record and return its outcome; bad records go to the dead-letter topic."""
+        [outcome] = await self.handle_batch([record])
+        return outcome
+
+    async def handle_batch(self, records: list[Record]) -> list[str]:
+        """Process records in order and return their outcomes.
+
+        Each user's state is read from the table once and written back once per batch, which
+        turns one changelog record per event into one per user and batch. Decisions are still
+        taken after every event, so versions do not depend on where a batch starts.
+        """
+        batch = _Batch()
+        outcomes = [await self._handle_one(record, batch) for record in records]
+        for user_id in batch.changed:
+            self._table[user_id] = batch.states[user_id]
+        return outcomes
+
+    async def _handle_one(self, record: Record, batch: _Batch) -> str:
         kind = "audience" if record.topic == self._settings.topic_audience else self._kinds.get(record.topic, "unknown")
         try:
-            outcome = await self._apply(kind, record)
+            outcome = await self._apply(kind, record, batch)
         except InvalidRecord as error:
             logger.warning(
                 "record.dead_lettered reason=%s topic=%s partition=%s offset=%s error=%s",
@@ -65,23 +91,30 @@ class IngestStage:
         metrics.EVENTS.labels(kind, outcome).inc()
         return outcome
 
-    async def _apply(self, kind: str, record: Record) -> str:
+    async def _apply(self, kind: str, record: Record, batch: _Batch) -> str:
         if record.value is None:
             raise InvalidRecord("missing_value", f"record at {record.position()} has no value")
         if kind == "audience":
-            return await self._apply_audience(record)
+            return await self._apply_audience(record, batch)
         if kind == "unknown":
             raise InvalidRecord("unknown_topic", f"topic {record.topic!r} is not an input topic")
         event = decode_event(kind, record.value, now=self._clock(), max_future_s=self._settings.max_future_s)
         _check_key(record, event.user_id)
-        state = self._table.get(event.user_id) or user_state.new_state(event.user_id)
+        state = self._load(event.user_id, batch)
         result = self._update(state, event)
         if not result.applied:
             return result.outcome
+        batch.changed.add(event.user_id)
         await self._emit_audience(event)
         await self._decide(state)
-        self._table[event.user_id] = state
         return result.outcome
+
+    def _load(self, user_id: str, batch: _Batch) -> dict:
+        state = batch.states.get(user_id)
+        if state is None:
+            state = self._table.get(user_id) or user_state.new_state(user_id)
+            batch.states[user_id] = state
+        return state
 
     def _update(self, state: dict, event: Event) -> user_state.ApplyResult:
         if isinstance(event, PostEvent):
@@ -99,7 +132,7 @@ class IngestStage:
             step = -1 if event.action == "unfollow" else 1
             await self._emitter.audience(event.followee_id, _audience("followed", event, at, step))
 
-    async def _apply_audience(self, record: Record) -> str:
+    async def _apply_audience(self, record: Record, batch: _Batch) -> str:
         try:
             message = orjson.loads(record.value)
             user_id, kind, event_id = message["user_id"], message["kind"], message["event_id"]
@@ -107,14 +140,14 @@ class IngestStage:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord("invalid_internal", f"audience record at {record.position()} is malformed: {exc!r}") from None
         _check_key(record, user_id)
-        state = self._table.get(user_id) or user_state.new_state(user_id)
+        state = self._load(user_id, batch)
         try:
             result = user_state.apply_audience(state, kind, event_id, at, step)
         except ValueError as exc:
             raise InvalidRecord("invalid_internal", str(exc)) from None
         if result.applied:
+            batch.changed.add(user_id)
             await self._decide(state)
-            self._table[user_id] = state
         return result.outcome
 
     async def _decide(self, state: dict) -> None:

@@ -2,7 +2,7 @@
 
 Each line goes to the topic of its `schema` (post.v1 to the posts topic, and so on). A line
 that is not a JSON object with a known schema is still sent, unchanged and without a key, to
-the posts topic, so the worker dead-letters it with the reason; the summary counts such lines.
+the posts topic, so the worker dead-letters it with the reason. The summary counts such lines.
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     llm_model: str | None = Field(None, description="Model name sent to the LLM endpoint.")
     llm_timeout_s: float = Field(30.0, gt=0, le=600, description="Total timeout of one model call, in seconds.")
     llm_max_retries: int = Field(2, ge=0, le=10, description="Retries of a failed model call.")
+    ingest_batch_max: int = Field(500, ge=1, le=100_000, description="Maximum records the ingest agent processes as one batch.")
+    ingest_batch_within_s: float = Field(0.2, gt=0, le=60, description="Seconds the ingest agent waits to fill a batch.")
     generation_concurrency: int = Field(4, ge=1, le=256, description="Profiles generated at the same time by one worker.")
     profile_language: Literal["en", "zh"] = Field("en", description="Language of the profile summary.")
 

@@ -37,12 +37,12 @@ async def ensure_topics(settings: Settings) -> list[str]:
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-admin")
     await admin.start()
     try:
-        wanted = required_topics(settings)
-        existing = {entry["topic"]: len(entry["partitions"]) for entry in await admin.describe_topics(list(wanted)) if entry["error_code"] == 0}
-        missing = [name for name in wanted if name not in existing]
+        required = required_topics(settings)
+        existing = {entry["topic"]: len(entry["partitions"]) for entry in await admin.describe_topics(list(required)) if entry["error_code"] == 0}
+        missing = [name for name in required if name not in existing]
         if missing:
             await admin.create_topics([
-                NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=wanted[name])
+                NewTopic(name, settings.partitions, settings.replication_factor, topic_configs=required[name])
                 for name in missing
             ])
             logger.info("topics.created names=%s partitions=%s", ",".join(missing), settings.partitions)
