@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .events import FollowEvent, LikeEvent, PostEvent
-from .topics import extract_topics
+from .topics import TopicSignal, extract_topics
 
 WINDOW_HOURS = 7 * 24
 MAX_TOPICS = 64
@@ -33,6 +33,8 @@ MAX_RECENT_POSTS = 10
 MAX_LANGUAGES = 8
 RECENT_TEXT_CHARS = 500
 DEFAULT_HALF_LIFE_S = 30 * 24 * 3600.0
+# A like is weaker evidence of interest than writing about the topic.
+LIKED_TOPIC_FACTOR = 0.5
 
 # Column order of each hourly bucket.
 COUNTERS = ("posts", "replies", "likes_given", "likes_received", "follows_gained", "follows_lost")
@@ -75,7 +77,9 @@ def new_state(user_id: str) -> dict[str, Any]:
     }
 
 
-def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HALF_LIFE_S) -> ApplyResult:
+def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HALF_LIFE_S,
+               signals: list[TopicSignal] | None = None) -> ApplyResult:
+    """Apply a post; `signals` are its topics when the caller has extracted them already."""
     at = event.created_at.timestamp()
     result = _admit(state, event.event_id, at)
     if not result.applied:
@@ -84,7 +88,9 @@ def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HA
     _count(state, at, "posts")
     if is_reply:
         _count(state, at, "replies")
-    for signal in extract_topics(event.text, event.hashtags, event.tags):
+    if signals is None:
+        signals = extract_topics(event.text, event.hashtags, event.tags)
+    for signal in signals:
         _add_interest(state, signal.topic, signal.weight, at, event.event_id, half_life_s)
     if event.lang:
         _add_language(state, event.lang.split("-")[0].lower())
@@ -97,8 +103,8 @@ def apply_like(state: dict, event: LikeEvent) -> ApplyResult:
     result = _admit(state, event.event_id, at)
     if not result.applied:
         return result
-    # NOTE: the liked post's topics do not yet feed the liker's interests, because that
-    # needs a join with a post index keyed by post id. An unlike counts as -1 like given.
+    # The liked post's topics arrive later through the post index (apply_liked_topics).
+    # An unlike counts as -1 like given.
     _count(state, at, "likes_given", -1 if event.action == "unlike" else 1)
     return result
 
@@ -126,6 +132,21 @@ def apply_audience(state: dict, kind: str, event_id: str, at: float, step: int =
         _count(state, at, "follows_gained" if step > 0 else "follows_lost")
     else:
         raise ValueError(f"unknown audience kind {kind!r}; expected 'like_received' or 'followed'")
+    return result
+
+
+def apply_liked_topics(state: dict, like_event_id: str, at: float, topics: list[tuple[str, float]],
+                       *, half_life_s: float = DEFAULT_HALF_LIFE_S) -> ApplyResult:
+    """Feed the topics of a post the user liked into the user's interests.
+
+    Each topic counts `LIKED_TOPIC_FACTOR` times its weight in the post, with the like as the
+    evidence. An unlike removes no interest: the earlier like still showed the interest.
+    """
+    result = _admit(state, f"liked_topics:{like_event_id}", at)
+    if not result.applied:
+        return result
+    for topic, weight in topics:
+        _add_interest(state, topic, weight * LIKED_TOPIC_FACTOR, at, like_event_id, half_life_s)
     return result
 
 

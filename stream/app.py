@@ -23,12 +23,14 @@ from handlers.sinks.topic import TopicSink
 from . import metrics
 from .generate import GenerationStage
 from .ingest import IngestStage
+from .post_index import PostIndexStage
 from .records import Record, dead_letter_headers
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 STATE_TABLE = "user-state"
+POST_INDEX_TABLE = "post-index"
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -51,6 +53,7 @@ def create_app(settings: Settings) -> faust.App:
     ingest_channel = app.topic(*settings.input_topics, settings.topic_audience, **raw)
     audience_topic = app.topic(settings.topic_audience, **raw)
     regenerate_topic = app.topic(settings.topic_regenerate, **raw)
+    post_index_topic = app.topic(settings.topic_post_index, **raw)
     dead_letter_topic = app.topic(settings.topic_dead_letter, **raw)
     profile_topic = app.topic(settings.topic_profiles, **raw)
     # Keys are the raw user id bytes and the producer's partitioner places each changelog
@@ -60,14 +63,23 @@ def create_app(settings: Settings) -> faust.App:
     table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, schema=state_schema,
                       use_partitioner=True)
 
-    emitter = _FaustEmitter(audience_topic, regenerate_topic, dead_letter_topic)
-    ingest = IngestStage(settings, _UserKeyedTable(table), emitter)
+    post_index_table = app.Table(POST_INDEX_TABLE, default=None, partitions=settings.partitions, schema=state_schema,
+                                 use_partitioner=True)
+
+    emitter = _FaustEmitter(audience_topic, regenerate_topic, dead_letter_topic, post_index_topic)
+    ingest = IngestStage(settings, _StrKeyedTable(table), emitter)
+    post_index = PostIndexStage(_StrKeyedTable(post_index_table), emitter)
     resources = _Resources(settings, profile_topic)
 
     @app.agent(ingest_channel, name="ingest")
     async def ingest_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
             await ingest.handle_batch([_record(event) for event in events])
+
+    @app.agent(post_index_topic, name="post-index")
+    async def post_index_agent(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
+            await post_index.handle_batch([_record(event) for event in events])
 
     @app.agent(regenerate_topic, name="generate", concurrency=settings.generation_concurrency)
     async def generate_agent(stream: faust.StreamT) -> None:
@@ -86,23 +98,23 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-class _UserKeyedTable(MutableMapping[str, dict]):
-    """The state table seen with str user ids as keys; the table itself keys by bytes."""
+class _StrKeyedTable(MutableMapping[str, dict]):
+    """A table seen with str keys; the table itself keys by the UTF-8 bytes."""
 
     def __init__(self, table: faust.Table) -> None:
         self._table = table
 
-    def __getitem__(self, user_id: str) -> dict:
-        value = self._table.get(user_id.encode())
+    def __getitem__(self, key: str) -> dict:
+        value = self._table.get(key.encode())
         if value is None:
-            raise KeyError(user_id)
+            raise KeyError(key)
         return value
 
-    def __setitem__(self, user_id: str, state: dict) -> None:
-        self._table[user_id.encode()] = state
+    def __setitem__(self, key: str, value: dict) -> None:
+        self._table[key.encode()] = value
 
-    def __delitem__(self, user_id: str) -> None:
-        del self._table[user_id.encode()]
+    def __delitem__(self, key: str) -> None:
+        del self._table[key.encode()]
 
     def __iter__(self) -> Iterator[str]:
         return (key.decode() for key in self._table)
@@ -112,10 +124,12 @@ class _UserKeyedTable(MutableMapping[str, dict]):
 
 
 class _FaustEmitter:
-    def __init__(self, audience: faust.TopicT, regenerate: faust.TopicT, dead_letter: faust.TopicT) -> None:
+    def __init__(self, audience: faust.TopicT, regenerate: faust.TopicT, dead_letter: faust.TopicT,
+                 post_index: faust.TopicT) -> None:
         self._audience = audience
         self._regenerate = regenerate
         self._dead_letter = dead_letter
+        self._post_index = post_index
 
     async def dead_letter(self, record: Record, error: InvalidRecord) -> None:
         headers = dead_letter_headers(record, error.reason, error.detail)
@@ -126,6 +140,9 @@ class _FaustEmitter:
 
     async def regenerate(self, user_id: str, request: dict) -> None:
         await self._regenerate.send(key=user_id.encode(), value=orjson.dumps(request))
+
+    async def post_index(self, post_id: str, message: dict) -> None:
+        await self._post_index.send(key=post_id.encode(), value=orjson.dumps(message))
 
 
 class _Resources:

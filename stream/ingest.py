@@ -17,6 +17,7 @@ import orjson
 from handlers import features, significance, state as user_state
 from handlers.errors import InvalidRecord
 from handlers.events import Event, FollowEvent, LikeEvent, PostEvent, decode_event
+from handlers.topics import TopicSignal, extract_topics
 
 from . import metrics
 from .records import Record
@@ -31,6 +32,8 @@ class Emitter(Protocol):
     async def audience(self, user_id: str, message: dict) -> None: ...
 
     async def regenerate(self, user_id: str, request: dict) -> None: ...
+
+    async def post_index(self, post_id: str, message: dict) -> None: ...
 
 
 @dataclass
@@ -101,11 +104,13 @@ class IngestStage:
         event = decode_event(kind, record.value, now=self._clock(), max_future_s=self._settings.max_future_s)
         _check_key(record, event.user_id)
         state = self._load(event.user_id, batch)
-        result = self._update(state, event)
+        signals = extract_topics(event.text, event.hashtags, event.tags) if isinstance(event, PostEvent) else None
+        result = self._update(state, event, signals)
         if not result.applied:
             return result.outcome
         batch.changed.add(event.user_id)
         await self._emit_audience(event)
+        await self._emit_post_index(event, signals)
         await self._decide(state)
         return result.outcome
 
@@ -116,9 +121,9 @@ class IngestStage:
             batch.states[user_id] = state
         return state
 
-    def _update(self, state: dict, event: Event) -> user_state.ApplyResult:
+    def _update(self, state: dict, event: Event, signals: list[TopicSignal] | None) -> user_state.ApplyResult:
         if isinstance(event, PostEvent):
-            return user_state.apply_post(state, event, half_life_s=self._settings.interest_half_life_s)
+            return user_state.apply_post(state, event, half_life_s=self._settings.interest_half_life_s, signals=signals)
         if isinstance(event, LikeEvent):
             return user_state.apply_like(state, event)
         return user_state.apply_follow(state, event)
@@ -132,6 +137,15 @@ class IngestStage:
             step = -1 if event.action == "unfollow" else 1
             await self._emitter.audience(event.followee_id, _audience("followed", event, at, step))
 
+    async def _emit_post_index(self, event: Event, signals: list[TopicSignal] | None) -> None:
+        at = event.created_at.timestamp()
+        if isinstance(event, PostEvent):
+            topics = [[signal.topic, signal.weight] for signal in signals or ()]
+            await self._emitter.post_index(event.post_id, {"kind": "post", "post_id": event.post_id, "topics": topics})
+        elif isinstance(event, LikeEvent) and event.action == "like":
+            message = {"kind": "like", "post_id": event.post_id, "user_id": event.user_id, "event_id": event.event_id, "at": at}
+            await self._emitter.post_index(event.post_id, message)
+
     async def _apply_audience(self, record: Record, batch: _Batch) -> str:
         try:
             message = orjson.loads(record.value)
@@ -142,8 +156,12 @@ class IngestStage:
         _check_key(record, user_id)
         state = self._load(user_id, batch)
         try:
-            result = user_state.apply_audience(state, kind, event_id, at, step)
-        except ValueError as exc:
+            if kind == "liked_topics":
+                topics = [(str(topic), float(weight)) for topic, weight in message["topics"]]
+                result = user_state.apply_liked_topics(state, event_id, at, topics, half_life_s=self._settings.interest_half_life_s)
+            else:
+                result = user_state.apply_audience(state, kind, event_id, at, step)
+        except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord("invalid_internal", str(exc)) from None
         if result.applied:
             batch.changed.add(user_id)

@@ -30,3 +30,6 @@ SINK_SECONDS = Histogram(
 STATE_USERS = Gauge(
     "profilestream_state_users", "Users whose state this worker holds in memory."
 )
+POST_INDEX = Counter(
+    "profilestream_post_index_records", "Post-index records by kind (post, like) and outcome.", ["kind", "outcome"]
+)

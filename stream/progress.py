@@ -13,7 +13,7 @@ from .settings import Settings
 
 
 def consumed_topics(settings: Settings) -> list[str]:
-    return [*settings.input_topics, settings.topic_audience, settings.topic_regenerate]
+    return [*settings.input_topics, settings.topic_audience, settings.topic_post_index, settings.topic_regenerate]
 
 
 async def group_lag(settings: Settings) -> tuple[int, int]:

@@ -75,6 +75,10 @@ class Settings(BaseSettings):
         return f"{self.app_id}-audience"
 
     @property
+    def topic_post_index(self) -> str:
+        return f"{self.app_id}-post-index"
+
+    @property
     def topic_regenerate(self) -> str:
         return f"{self.app_id}-regenerate"
 

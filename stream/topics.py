@@ -22,6 +22,7 @@ def required_topics(settings: Settings) -> dict[str, dict[str, str]]:
     """Map every topic the worker needs to its topic configs."""
     compacted = {"cleanup.policy": "compact"}
     topics = {name: {} for name in co_partitioned_topics(settings)}
+    topics[settings.topic_post_index] = {}
     topics[settings.topic_regenerate] = {}
     topics[settings.topic_dead_letter] = {}
     topics[settings.topic_profiles] = compacted

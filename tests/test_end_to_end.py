@@ -67,6 +67,8 @@ def expected_outcomes(lines: list[bytes], settings) -> dict:
     own_events = collections.Counter()
     tags = collections.defaultdict(collections.Counter)
     audience = 0
+    likes_by_post = collections.Counter()
+    posted = set()
     seen = set()
     for line in lines:
         topic, _ = route(line, settings)
@@ -81,8 +83,13 @@ def expected_outcomes(lines: list[bytes], settings) -> dict:
         own_events[event.user_id] += 1
         if event.kind == "post":
             tags[event.user_id].update(event.tags)
+            posted.add(event.post_id)
         if event.kind == "like" and event.post_author_id != event.user_id:
             audience += 1
+        if event.kind == "like":
+            likes_by_post[event.post_id] += 1
+    # Every like of a post in the file also comes back from the post index as liked topics.
+    audience += sum(count for post_id, count in likes_by_post.items() if post_id in posted)
     return {"applied": applied, "own_events": own_events, "tags": tags, "audience": audience}
 
 
