@@ -25,6 +25,10 @@ class Thresholds:
     new_content_events: int = 50
     cooldown_s: float = 6 * 3600.0
     stale_after_s: float = 30 * 24 * 3600.0
+    # Hysteresis: drift must reach interest_drift to arm the trigger, but once armed (held back
+    # by the cooldown or too few events) it stays armed while drift stays above
+    # interest_drift - drift_hysteresis, so noise around the threshold does not disarm it.
+    drift_hysteresis: float = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +36,7 @@ class Decision:
     regenerate: bool
     score: float
     reasons: tuple[str, ...]
+    drift_armed: bool = False
 
 
 NO_CHANGE = Decision(False, 0.0, ())
@@ -76,13 +81,22 @@ def decide(state: dict, thresholds: Thresholds) -> Decision:
     if new_events >= thresholds.new_content_events:
         reasons.append("new_content")
     cooled = elapsed_s >= thresholds.cooldown_s or not profile["interests"]
-    if cooled and drift >= thresholds.interest_drift and new_events >= thresholds.min_new_events:
+    entry = thresholds.interest_drift
+    if profile.get("drift_armed"):
+        entry -= thresholds.drift_hysteresis
+    armed = drift >= entry
+    if cooled and armed and new_events >= thresholds.min_new_events:
         reasons.append("interest_drift")
     if elapsed_s >= thresholds.stale_after_s:
         reasons.append("stale")
     if not reasons:
-        return Decision(False, drift, ())
+        return Decision(False, drift, (), drift_armed=armed)
     return Decision(True, drift, tuple(reasons))
+
+
+def record_decision(state: dict, decision: Decision) -> None:
+    """Keep the hysteresis flag for the next decision."""
+    state["profile"]["drift_armed"] = decision.drift_armed
 
 
 def take_snapshot(state: dict) -> int:
@@ -98,4 +112,5 @@ def take_snapshot(state: dict) -> int:
     profile["interests"] = interest_vector(state)
     profile["totals"] = dict(state["totals"])
     profile["followers"] = state["followers"]
+    profile["drift_armed"] = False
     return profile["version"]

@@ -21,7 +21,7 @@ from handlers.sinks.postgres import PostgresSink
 from handlers.sinks.topic import TopicSink
 
 from . import metrics
-from .generate import GenerationStage
+from .generate import GenerationStage, RateBudget
 from .ingest import IngestStage
 from .post_index import PostIndexStage
 from .records import Record, dead_letter_headers
@@ -84,8 +84,8 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(regenerate_topic, name="generate", concurrency=settings.generation_concurrency)
     async def generate_agent(stream: faust.StreamT) -> None:
         stage = await resources.stage()
-        async for event in stream.events():
-            await stage.handle(_record(event))
+        async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
+            await stage.handle_batch([_record(event) for event in events])
 
     @app.timer(interval=10.0)
     async def report_state_size() -> None:
@@ -187,7 +187,7 @@ class _Resources:
             sinks.append(postgres)
         sinks.append(TopicSink(self._send_profile))
         logger.info("generation.ready generator=%s sinks=%s", "llm" if llm else "rules", ",".join(sink.name for sink in sinks))
-        return GenerationStage(generator, sinks)
+        return GenerationStage(generator, sinks, RateBudget(settings.generation_budget_per_minute))
 
     async def _send_profile(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         pending = await self._profile_topic.send(key=key, value=value, headers=headers)

@@ -170,6 +170,7 @@ class IngestStage:
 
     async def _decide(self, state: dict) -> None:
         decision = significance.decide(state, self._thresholds)
+        significance.record_decision(state, decision)
         if not decision.regenerate:
             return
         version = significance.take_snapshot(state)

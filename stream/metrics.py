@@ -33,3 +33,9 @@ STATE_USERS = Gauge(
 POST_INDEX = Counter(
     "profilestream_post_index_records", "Post-index records by kind (post, like) and outcome.", ["kind", "outcome"]
 )
+COALESCED = Counter(
+    "profilestream_coalesced_requests", "Regeneration requests skipped because a newer one for the user was in the same batch."
+)
+BUDGET_WAITS = Counter(
+    "profilestream_budget_waits", "Times the generation stage waited for the global generations-per-minute budget."
+)

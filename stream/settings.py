@@ -42,6 +42,7 @@ class Settings(BaseSettings):
     ingest_batch_max: int = Field(500, ge=1, le=100_000, description="Maximum records the ingest agent processes as one batch.")
     ingest_batch_within_s: float = Field(0.2, gt=0, le=60, description="Seconds the ingest agent waits to fill a batch.")
     generation_concurrency: int = Field(4, ge=1, le=256, description="Profiles generated at the same time by one worker.")
+    generation_budget_per_minute: int = Field(0, ge=0, description="Maximum profiles generated per minute by one worker; 0 means no limit.")
     profile_language: Literal["en", "zh"] = Field("en", description="Language of the profile summary.")
 
     max_future_s: float = Field(600.0, ge=0, description="Events stamped further ahead of the clock than this are dead-lettered.")
@@ -51,6 +52,7 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(6 * 3600.0, ge=0, description="Minimum event time between two profiles of a user, in seconds.")
     new_content_events: int = Field(50, ge=1, description="New events since the last profile that trigger a new one.")
     stale_after_s: float = Field(30 * 24 * 3600.0, gt=0, description="Event time after which any change triggers a new profile.")
+    drift_hysteresis: float = Field(0.05, ge=0, lt=1, description="Drift margin below PROFILESTREAM_INTEREST_DRIFT that keeps an armed trigger armed.")
 
     http_host: str = Field("127.0.0.1", description="Address of the worker's HTTP server (/metrics).")
     http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server (/metrics).")
@@ -90,6 +92,7 @@ class Settings(BaseSettings):
             cooldown_s=self.cooldown_s,
             new_content_events=self.new_content_events,
             stale_after_s=self.stale_after_s,
+            drift_hysteresis=self.drift_hysteresis,
         )
 
 

@@ -109,3 +109,19 @@ def test_first_interests_pass_cooldown():
         post(state, n, n, "qiskit")
     decision = significance.decide(state, RULES)
     assert decision.reasons == ("interest_drift",)
+
+
+def test_hysteresis_keeps_armed_trigger():
+    rules = significance.Thresholds(min_events_new_user=3, interest_drift=0.3, drift_hysteresis=0.1,
+                                    min_new_events=2, new_content_events=1000, cooldown_s=3600)
+    state = profiled_state()
+    armed = significance.Decision(False, 0.32, (), drift_armed=True)
+    significance.record_decision(state, armed)
+    state["profile"]["interests"] = {"qiskit": 0.5, "other": 0.441}
+    post(state, 10, 10, "qiskit")
+    post(state, 11, 11, "qiskit")
+    drift = significance.interest_drift(significance.interest_vector(state), state["profile"]["interests"])
+    assert rules.interest_drift - rules.drift_hysteresis <= drift < rules.interest_drift
+    assert significance.decide(state, rules).reasons == ("interest_drift",)
+    significance.record_decision(state, significance.Decision(False, 0.0, (), drift_armed=False))
+    assert not significance.decide(state, rules).regenerate

@@ -1,0 +1,61 @@
+"""The generation stage: coalescing per user and the generations-per-minute budget."""
+
+import orjson
+
+from stream.generate import GenerationStage, RateBudget
+from stream.records import Record
+
+
+class EchoGenerator:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, int]] = []
+
+    async def generate(self, request: dict) -> tuple[dict, str]:
+        self.requests.append((request["user_id"], request["version"]))
+        return {"user_id": request["user_id"], "version": request["version"], "generator": "rules"}, "rules"
+
+
+class ListSink:
+    name = "list"
+
+    def __init__(self) -> None:
+        self.written: list[dict] = []
+
+    async def write(self, profiles: list[dict]) -> int:
+        self.written.extend(profiles)
+        return len(profiles)
+
+
+def request(user_id: str, version: int) -> Record:
+    return Record("regenerate", 0, version, user_id.encode(), orjson.dumps({"user_id": user_id, "version": version}))
+
+
+async def test_batch_keeps_latest_version_per_user():
+    generator = EchoGenerator()
+    sink = ListSink()
+    stage = GenerationStage(generator, [sink])
+    await stage.handle_batch([request("u1", 1), request("u2", 1), request("u1", 3), request("u1", 2)])
+    assert sorted(generator.requests) == [("u1", 3), ("u2", 1)]
+    assert len(sink.written) == 2
+
+
+async def test_invalid_request_skipped():
+    generator = EchoGenerator()
+    stage = GenerationStage(generator, [ListSink()])
+    bad = Record("regenerate", 0, 0, b"u1", b'{"user_id": 5}')
+    assert await stage.handle_batch([bad, request("u1", 1)]) == [{"user_id": "u1", "version": 1, "generator": "rules"}]
+
+
+def test_budget_refills_over_time():
+    now = [0.0]
+    budget = RateBudget(60, clock=lambda: now[0])
+    waits = [budget.wait_s() for _ in range(61)]
+    assert waits[:60] == [0.0] * 60
+    assert waits[60] > 0
+    now[0] += 1.0
+    assert budget.wait_s() == 0.0
+
+
+def test_budget_zero_is_unlimited():
+    budget = RateBudget(0)
+    assert all(budget.wait_s() == 0.0 for _ in range(1000))
