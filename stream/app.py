@@ -15,13 +15,15 @@ import faust
 import orjson
 
 from handlers.errors import InvalidRecord
+from handlers.generation.budget import Budget
+from handlers.generation.circuit import CircuitBreaker
 from handlers.generation.llm import LLMGenerator
 from handlers.generation.service import ProfileGenerator
 from handlers.sinks.postgres import PostgresSink
 from handlers.sinks.topic import TopicSink
 
 from . import metrics
-from .generate import GenerationStage, RateBudget
+from .generate import GenerationStage, GenerationRateLimit
 from .ingest import IngestStage
 from .post_index import PostIndexStage
 from .records import Record, dead_letter_headers
@@ -164,6 +166,7 @@ class _Resources:
     async def _open(self) -> GenerationStage:
         settings = self._settings
         llm = None
+        circuit = None
         if settings.llm_base_url:
             llm = LLMGenerator(
                 base_url=settings.llm_base_url,
@@ -172,8 +175,21 @@ class _Resources:
                 language=settings.profile_language,
                 timeout_s=settings.llm_timeout_s,
                 max_retries=settings.llm_max_retries,
+                budget=Budget(
+                    requests_per_minute=settings.llm_requests_per_minute,
+                    tokens_per_minute=settings.llm_tokens_per_minute,
+                    tokens_per_day=settings.llm_tokens_per_day,
+                ),
+                prompt_price_per_1k_usd=settings.llm_prompt_price_per_1k_usd,
+                completion_price_per_1k_usd=settings.llm_completion_price_per_1k_usd,
             )
-        generator = ProfileGenerator(language=settings.profile_language, llm=llm)
+            circuit = CircuitBreaker(
+                failure_threshold=settings.llm_circuit_failure_threshold,
+                cooldown_s=settings.llm_circuit_cooldown_s,
+                max_cooldown_s=settings.llm_circuit_max_cooldown_s,
+            )
+        generator = ProfileGenerator(language=settings.profile_language, llm=llm, circuit=circuit,
+                                     max_concurrent_calls=settings.llm_max_concurrent_calls)
         self._closers.append(generator.close)
         sinks: list = []
         if settings.postgres_dsn is not None:
@@ -187,7 +203,7 @@ class _Resources:
             sinks.append(postgres)
         sinks.append(TopicSink(self._send_profile))
         logger.info("generation.ready generator=%s sinks=%s", "llm" if llm else "rules", ",".join(sink.name for sink in sinks))
-        return GenerationStage(generator, sinks, RateBudget(settings.generation_budget_per_minute))
+        return GenerationStage(generator, sinks, GenerationRateLimit(settings.generation_budget_per_minute))
 
     async def _send_profile(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         pending = await self._profile_topic.send(key=key, value=value, headers=headers)

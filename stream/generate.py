@@ -30,7 +30,7 @@ class ProfileSinkLike(Protocol):
     async def write(self, profiles: list[dict]) -> int: ...
 
 
-class RateBudget:
+class GenerationRateLimit:
     """A token bucket of `per_minute` generations; `acquire` waits for a token (0 = no limit)."""
 
     def __init__(self, per_minute: int, clock=time.monotonic) -> None:
@@ -66,10 +66,10 @@ class GenerationStage:
     backoff until it succeeds, so a Postgres or broker outage delays profiles but loses none.
     """
 
-    def __init__(self, generator: Generator, sinks: list[ProfileSinkLike], budget: RateBudget | None = None) -> None:
+    def __init__(self, generator: Generator, sinks: list[ProfileSinkLike], budget: GenerationRateLimit | None = None) -> None:
         self._generator = generator
         self._sinks = sinks
-        self._budget = budget or RateBudget(0)
+        self._budget = budget or GenerationRateLimit(0)
 
     async def handle(self, record: Record) -> dict | None:
         profiles = await self.handle_batch([record])

@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     llm_max_retries: int = Field(2, ge=0, le=10, description="Retries of a failed model call.")
     ingest_batch_max: int = Field(500, ge=1, le=100_000, description="Maximum records the ingest agent processes as one batch.")
     ingest_batch_within_s: float = Field(0.2, gt=0, le=60, description="Seconds the ingest agent waits to fill a batch.")
+    llm_max_concurrent_calls: int = Field(4, ge=1, le=256, description="Model calls in flight at the same time in one worker; later calls wait for a slot.")
+    llm_circuit_failure_threshold: int = Field(5, ge=1, le=1000, description="Failed model calls in a row (timeout, server error, connection error, rate limited after retries) that open the circuit breaker; quota exhaustion opens it at once.")
+    llm_circuit_cooldown_s: float = Field(30.0, gt=0, le=3600, allow_inf_nan=False, description="Seconds the open circuit breaker waits before one probe call; doubled after each failed probe.")
+    llm_circuit_max_cooldown_s: float = Field(600.0, gt=0, le=86400, allow_inf_nan=False, description="Maximum open period of the circuit breaker, in seconds.")
+    llm_requests_per_minute: int | None = Field(None, ge=1, description="Client-side limit of model requests, retries included, per 60 s window; unset means no limit.")
+    llm_tokens_per_minute: int | None = Field(None, ge=1, description="Client-side limit of model tokens per 60 s window, estimated before each request and corrected with the reported usage; unset means no limit.")
+    llm_tokens_per_day: int | None = Field(None, ge=1, description="Client-side limit of model tokens per UTC day; unset means no limit.")
+    llm_prompt_price_per_1k_usd: float = Field(0.0, ge=0, allow_inf_nan=False, description="Price of 1000 prompt tokens in US dollars, for the estimated cost metric.")
+    llm_completion_price_per_1k_usd: float = Field(0.0, ge=0, allow_inf_nan=False, description="Price of 1000 completion tokens in US dollars, for the estimated cost metric.")
     generation_concurrency: int = Field(4, ge=1, le=256, description="Profiles generated at the same time by one worker.")
     generation_budget_per_minute: int = Field(0, ge=0, description="Maximum profiles generated per minute by one worker; 0 means no limit.")
     profile_language: Literal["en", "zh"] = Field("en", description="Language of the profile summary.")
@@ -65,6 +74,11 @@ class Settings(BaseSettings):
             raise ValueError(f"{ENV_PREFIX}LLM_BASE_URL is set but {ENV_PREFIX}LLM_MODEL is not; set the model name too")
         if self.llm_model and not self.llm_base_url:
             raise ValueError(f"{ENV_PREFIX}LLM_MODEL is set but {ENV_PREFIX}LLM_BASE_URL is not; set the endpoint too")
+        if self.llm_circuit_max_cooldown_s < self.llm_circuit_cooldown_s:
+            raise ValueError(
+                f"{ENV_PREFIX}LLM_CIRCUIT_MAX_COOLDOWN_S={self.llm_circuit_max_cooldown_s} is below"
+                f" {ENV_PREFIX}LLM_CIRCUIT_COOLDOWN_S={self.llm_circuit_cooldown_s}; raise the maximum or lower the cool-down"
+            )
         return self
 
     @property

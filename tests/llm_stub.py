@@ -1,9 +1,11 @@
 """An OpenAI-compatible chat completions server on 127.0.0.1 with scripted replies, for tests.
 
 Each test scripts the replies to its next requests with `LLMStub.script`; once the script
-runs out, the stub sends `LLMStub.default_reply` (a grounded `ok` reply). The stub records
-every request with its arrival time on time.monotonic(), so tests can read the prompt and
-measure retry delays. Use it through the `llm_stub` fixture:
+runs out, the stub sends `LLMStub.default_reply` (a grounded `ok` reply). `LLMStub.outage`
+replaces the default reply for a number of seconds. The stub records every request with
+its arrival time on time.monotonic(), so tests can read the prompt and measure retry
+delays, the usage of every completion it sends, and the most requests it had in flight
+at once. Use it through the `llm_stub` fixture:
 
     from tests.llm_stub import llm_stub, llm_stub_server  # noqa: F401 (pytest fixtures)
 """
@@ -132,7 +134,12 @@ class LLMStub:
     def __init__(self) -> None:
         self.base_url = ""
         self.requests: list[RecordedRequest] = []
+        self.usages: list[dict] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.default_reply = ok()
+        self._outage_reply: Reply | None = None
+        self._outage_until = 0.0
         self._replies: collections.deque[Reply] = collections.deque()
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -141,11 +148,19 @@ class LLMStub:
         """Queue replies for the next requests, in order."""
         self._replies.extend(replies)
 
+    def outage(self, reply: Reply, duration_s: float) -> None:
+        """Send `reply` to every unscripted request for the next `duration_s` seconds, then the default reply again."""
+        self._outage_reply = reply
+        self._outage_until = time.monotonic() + duration_s
+
     def reset(self) -> None:
-        """Forget the script and the recorded requests, and release hanging requests."""
+        """Forget the script, the outage and the recorded requests, and release hanging requests."""
         self._replies.clear()
         self.requests.clear()
+        self.usages.clear()
+        self.max_in_flight = 0
         self.default_reply = ok()
+        self._outage_reply = None
         self._release.set()
         self._release = asyncio.Event()
 
@@ -165,9 +180,24 @@ class LLMStub:
             await self._runner.cleanup()
 
     async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._reply(request)
+        finally:
+            self.in_flight -= 1
+
+    def _next_reply(self) -> Reply:
+        if self._replies:
+            return self._replies.popleft()
+        if self._outage_reply is not None and time.monotonic() < self._outage_until:
+            return self._outage_reply
+        return self.default_reply
+
+    async def _reply(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(RecordedRequest(time.monotonic(), dict(request.headers), body))
-        reply = self._replies.popleft() if self._replies else self.default_reply
+        reply = self._next_reply()
         if reply.behaviour == "hang":
             await self._release.wait()
             return web.Response(status=503)
@@ -177,7 +207,9 @@ class LLMStub:
             return web.json_response({"error": reply.error}, status=reply.status, headers=reply.headers)
         if reply.behaviour == "non_json_body":
             return web.Response(text="upstream connect error", content_type="application/json")
-        return web.json_response(completion_body(body, reply, len(self.requests)))
+        completion = completion_body(body, reply, len(self.requests))
+        self.usages.append(completion["usage"])
+        return web.json_response(completion)
 
 
 def completion_body(request_body: dict, reply: Reply, number: int) -> dict:

@@ -2,7 +2,7 @@
 
 import orjson
 
-from stream.generate import GenerationStage, RateBudget
+from stream.generate import GenerationStage, GenerationRateLimit
 from stream.records import Record
 
 
@@ -48,7 +48,7 @@ async def test_invalid_request_skipped():
 
 def test_budget_refills_over_time():
     now = [0.0]
-    budget = RateBudget(60, clock=lambda: now[0])
+    budget = GenerationRateLimit(60, clock=lambda: now[0])
     waits = [budget.wait_s() for _ in range(61)]
     assert waits[:60] == [0.0] * 60
     assert waits[60] > 0
@@ -57,5 +57,5 @@ def test_budget_refills_over_time():
 
 
 def test_budget_zero_is_unlimited():
-    budget = RateBudget(0)
+    budget = GenerationRateLimit(0)
     assert all(budget.wait_s() == 0.0 for _ in range(1000))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from handlers.generation.prompt import build_messages, redact_pii, system_message
+from handlers.generation.prompt import TOKENS_PER_MESSAGE, build_messages, estimate_tokens, redact_pii, system_message
 from tests.llm_stub import build_test_request
 
 INJECTION_POSTS = (
@@ -196,3 +196,28 @@ def test_redact_pii_replaces(text: str, expected: str) -> None:
 @pytest.mark.parametrize("text", NOT_PII)
 def test_redact_pii_keeps_non_pii(text: str) -> None:
     assert redact_pii(text) == text
+
+
+def test_estimate_ascii_four_chars_per_token() -> None:
+    messages = [{"role": "user", "content": "abcd" * 25}]
+
+    assert estimate_tokens(messages) == 25 + TOKENS_PER_MESSAGE
+
+
+def test_estimate_cjk_one_token_per_char() -> None:
+    messages = [{"role": "user", "content": "今天学习了异步编程"}]
+
+    assert estimate_tokens(messages) == 9 + TOKENS_PER_MESSAGE
+
+
+def test_estimate_rounds_partial_token_up() -> None:
+    messages = [{"role": "system", "content": "abcde"}, {"role": "user", "content": "x好"}]
+
+    assert estimate_tokens(messages) == 2 + 1 + 2 * TOKENS_PER_MESSAGE
+
+
+def test_estimate_grows_with_posts() -> None:
+    short = build_messages(build_test_request(["one short post"]), "en")
+    long = build_messages(build_test_request(["one short post", "a second and much longer post " * 20]), "en")
+
+    assert estimate_tokens(long) > estimate_tokens(short)

@@ -25,7 +25,7 @@ SECONDS_PER_DAY = 86_400
 
 @dataclass(frozen=True)
 class BudgetRemaining:
-    """What the budget still allows now; math.inf for a limit that is not set."""
+    """Requests and tokens the budget still allows now, math.inf for a limit that is not set."""
 
     requests_this_minute: float
     tokens_this_minute: float
@@ -33,7 +33,7 @@ class BudgetRemaining:
 
 
 class Budget:
-    """Requests-per-minute, tokens-per-minute and tokens-per-UTC-day limits; None disables a limit.
+    """Requests-per-minute, tokens-per-minute and tokens-per-UTC-day limits. None disables a limit.
 
     `clock` returns Unix time in seconds (time.time by default). It decides the UTC day,
     so it must be a wall clock. If the clock steps back, entries stamped in the future

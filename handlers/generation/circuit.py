@@ -7,9 +7,9 @@ Half-open: the first call after the cool-down is the probe, and every other call
 rejected while it runs. A healthy probe closes the circuit and resets the cool-down. An
 unhealthy probe reopens it with the cool-down doubled, up to `max_cooldown_s`.
 
-Every admitted call gets a Permit, which the caller returns exactly once, through
-`record` with the call's outcome or through `release` when the call ended without
-reaching the endpoint. Outcomes of calls admitted before the last state change are
+Every admitted call gets a Permit, which the caller returns once, through `record` with
+the call's outcome or through `release` when the call ended without reaching the
+endpoint. Returning a permit twice raises ValueError. Outcomes of calls admitted before the last state change are
 ignored, because they describe the endpoint as it was then.
 
 The class is pure logic for one asyncio event loop: it neither sleeps nor locks, and
@@ -57,7 +57,7 @@ class Permit:
 
 
 class CircuitBreaker:
-    """Circuit breaker state machine; see the module docstring for the transitions.
+    """Circuit breaker state machine with the transitions of the module docstring.
 
     `cooldown_s` is the first open period in seconds of `clock`, and `max_cooldown_s` caps
     the doubling after failed probes.
@@ -86,6 +86,7 @@ class CircuitBreaker:
         self._failures = 0
         self._cooldown_s = cooldown_s
         self._open_until = -math.inf
+        self._opened_by: str | None = None
         self._probe: Permit | None = None
 
     @property
@@ -97,6 +98,11 @@ class CircuitBreaker:
     def consecutive_failures(self) -> int:
         """Unhealthy outcomes in a row since the circuit last closed or saw a healthy call."""
         return self._failures
+
+    @property
+    def opened_by(self) -> str | None:
+        """Outcome that last opened the circuit, None if it never opened."""
+        return self._opened_by
 
     @property
     def cooldown_s(self) -> float:
@@ -140,7 +146,7 @@ class CircuitBreaker:
 
         `outcome` is None for a successful call, else the GenerationError outcome. Outcomes
         outside UNHEALTHY_OUTCOMES and OPEN_AT_ONCE_OUTCOMES (an unusable reply, say) count
-        as healthy, because the endpoint did answer. Raises ValueError if `permit` was
+        as healthy, because the endpoint did reply. Raises ValueError if `permit` was
         already recorded or released.
         """
         self._settle(permit)
@@ -185,6 +191,7 @@ class CircuitBreaker:
 
     def _open(self, outcome: str) -> None:
         self._open_until = self._clock() + self._cooldown_s
+        self._opened_by = outcome
         self._enter(CircuitState.OPEN)
         logger.warning(
             "llm_circuit_opened outcome=%s consecutive_failures=%d cooldown_s=%.1f",

@@ -6,11 +6,14 @@ is valid and grounded, and every failure raises GenerationError with one of thes
 
 - timeout, rate_limited, server_error, connection_error: transient, `retriable` is True;
 - quota_exhausted: HTTP 429 with error code insufficient_quota, which waiting does not fix;
-- truncated, refusal, invalid_json, schema_invalid, ungrounded: the reply itself is unusable.
+- truncated, refusal, invalid_json, schema_invalid, ungrounded: the reply itself is unusable;
+- budget_exhausted: the client-side Budget allowed no request, so nothing was sent.
 
 Retries happen here rather than in the openai client, because the client (checked in
 openai 3.60.0) retries every HTTP 429, insufficient_quota included, and its retries and
-waits are not bounded by one overall deadline.
+waits are not bounded by one overall deadline. Each attempt, retries included, takes one
+request and the estimated tokens from the budget. A retry that the budget does not allow
+is skipped, and the error of the last attempt is raised.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import copy
 import email.utils
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -33,7 +37,9 @@ from openai.types.chat import ChatCompletion
 import schemas
 
 from ..errors import GenerationError
-from .prompt import build_messages, language_name
+from .budget import Budget
+from .prompt import build_messages, estimate_tokens, language_name
+from .telemetry import LLMTelemetry, default_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,9 @@ class LLMGenerator:
     `timeout_s` bounds one whole `generate` call, retries and waits included, and
     `connect_timeout_s` bounds each TCP connect. `max_retries` counts retries after the
     first attempt. `max_output_tokens` caps the reply (sent as max_completion_tokens).
+    `budget`, if given, must allow each attempt (see the module docstring). The prices in
+    US dollars per 1000 prompt and completion tokens only feed the estimated cost metric.
+    `telemetry` defaults to default_telemetry().
     """
 
     def __init__(
@@ -114,14 +123,25 @@ class LLMGenerator:
         connect_timeout_s: float = 5.0,
         max_retries: int = 2,
         max_output_tokens: int = 1200,
+        budget: Budget | None = None,
+        telemetry: LLMTelemetry | None = None,
+        prompt_price_per_1k_usd: float = 0.0,
+        completion_price_per_1k_usd: float = 0.0,
     ) -> None:
         _check_settings(base_url, api_key, model, timeout_s, connect_timeout_s, max_retries, max_output_tokens)
+        _check_prices(prompt_price_per_1k_usd, completion_price_per_1k_usd)
         language_name(language)
         self.model = model
         self.language = language
+        self.budget = budget
+        self.telemetry = telemetry if telemetry is not None else default_telemetry()
         self._timeout_s = timeout_s
         self._max_retries = max_retries
         self._max_output_tokens = max_output_tokens
+        self._prompt_price_per_1k_usd = prompt_price_per_1k_usd
+        self._completion_price_per_1k_usd = completion_price_per_1k_usd
+        if budget is not None:
+            self.telemetry.watch_budget(model, budget)
         self._response_format = {
             "type": "json_schema",
             "json_schema": {"name": RESPONSE_FORMAT_NAME, "strict": True, "schema": model_output_schema()},
@@ -139,26 +159,41 @@ class LLMGenerator:
         """Generate the profile for `request` (see handlers.features.build_request).
 
         Returns a complete profile.v1 document with generator set to the model name, or
-        raises GenerationError. `generated_at` must be timezone-aware.
+        raises GenerationError. `generated_at` must be timezone-aware. Every call that
+        sends a request is counted in the telemetry with its outcome and duration.
         """
         if generated_at.tzinfo is None:
             raise ValueError(f"generated_at {generated_at.isoformat()} has no timezone; pass an aware datetime such as datetime.now(UTC)")
         messages = build_messages(request, self.language)
+        # The reply may take up to max_output_tokens, so the reservation covers that until
+        # the endpoint reports the real usage.
+        estimated_tokens = estimate_tokens(messages) + self._max_output_tokens
+        if not self._reserve(estimated_tokens):
+            raise GenerationError("budget_exhausted", self._budget_detail(estimated_tokens))
         started = time.monotonic()
-        completion, attempts = await self._complete(messages, request)
-        part = self._parse(completion)
-        check_grounding(part, request)
-        document = self._assemble(request, part, generated_at)
-        _validate_profile(document)
-        _log_usage(request, completion, attempts, time.monotonic() - started)
+        try:
+            completion, attempts = await self._complete(messages, request, estimated_tokens)
+            part = self._parse(completion)
+            check_grounding(part, request)
+            document = self._assemble(request, part, generated_at)
+            _validate_profile(document)
+        except GenerationError as error:
+            self.telemetry.record_call(self.model, error.outcome, time.monotonic() - started)
+            raise
+        elapsed_s = time.monotonic() - started
+        self.telemetry.record_call(self.model, "ok", elapsed_s)
+        _log_usage(request, completion, attempts, elapsed_s)
         return document
 
     async def close(self) -> None:
         """Close the HTTP connections of the client."""
         await self._client.close()
 
-    async def _complete(self, messages: list[dict], request: dict) -> tuple[ChatCompletion, int]:
-        """Send the chat completion request, retrying transient failures within `timeout_s`."""
+    async def _complete(self, messages: list[dict], request: dict, estimated_tokens: int) -> tuple[ChatCompletion, int]:
+        """Send the chat completion request, retrying transient failures within `timeout_s`.
+
+        The caller has reserved the first attempt in the budget. Each retry reserves its own.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeout_s
         attempt = 0
@@ -173,10 +208,15 @@ class LLMGenerator:
                             response_format=self._response_format,
                             max_completion_tokens=self._max_output_tokens,
                         )
+                        self._account_usage(completion, estimated_tokens)
                         return completion, attempt
                     except openai.APIError as exc:
                         error = self._classify(exc)
                         delay_s = _retry_delay_s(exc, attempt)
+                        if isinstance(exc, openai.APIStatusError) and self.budget is not None:
+                            # An error reply reports no usage. NOTE: returning the estimate
+                            # assumes that the endpoint counts no tokens for an error reply.
+                            self.budget.settle(estimated_tokens, 0)
                     except json.JSONDecodeError as exc:
                         # openai 3.60.0 raises this for an HTTP 200 body that is not JSON.
                         raise GenerationError("invalid_json", f"reply from model {self.model!r} is not a JSON chat completion: {exc}") from None
@@ -187,6 +227,13 @@ class LLMGenerator:
                         request["user_id"], request["version"], self.model, error.outcome, attempt, delay_s, error.detail,
                     )
                     await asyncio.sleep(delay_s)
+                    if not self._reserve(estimated_tokens):
+                        logger.info(
+                            "llm_retry_skipped user_id=%s version=%s model=%s outcome=%s attempt=%d reason=budget_exhausted",
+                            request["user_id"], request["version"], self.model, error.outcome, attempt,
+                        )
+                        raise error
+                    self.telemetry.record_retry(self.model, error.outcome)
         except TimeoutError:
             raise GenerationError(
                 "timeout",
@@ -194,6 +241,32 @@ class LLMGenerator:
                 " raise timeout_s or use a faster model",
                 retriable=True,
             ) from None
+
+    def _reserve(self, estimated_tokens: int) -> bool:
+        return self.budget is None or self.budget.try_acquire(estimated_tokens)
+
+    def _budget_detail(self, estimated_tokens: int) -> str:
+        left = self.budget.remaining()
+        return (
+            f"the client-side budget of model {self.model!r} allows no request of about {estimated_tokens} tokens now"
+            f" (left: {left.requests_this_minute:g} requests and {left.tokens_this_minute:g} tokens in the last minute,"
+            f" {left.tokens_today:g} tokens today UTC); wait, or raise the budget limits"
+        )
+
+    def _account_usage(self, completion: object, estimated_tokens: int) -> None:
+        """Count the reported tokens and their cost, and correct the budget's estimate with them.
+
+        A reply without usage keeps the estimate in the budget and adds nothing to the counters.
+        """
+        usage = getattr(completion, "usage", None)
+        prompt_tokens = getattr(usage, "prompt_tokens", None)
+        completion_tokens = getattr(usage, "completion_tokens", None)
+        if not _is_count(prompt_tokens) or not _is_count(completion_tokens):
+            return
+        cost_usd = (prompt_tokens * self._prompt_price_per_1k_usd + completion_tokens * self._completion_price_per_1k_usd) / 1000
+        self.telemetry.record_usage(self.model, prompt_tokens, completion_tokens, cost_usd)
+        if self.budget is not None:
+            self.budget.settle(estimated_tokens, prompt_tokens + completion_tokens)
 
     def _classify(self, exc: openai.APIError) -> GenerationError:
         """Map an openai client error to a GenerationError outcome, without the API key."""
@@ -367,6 +440,17 @@ def _log_usage(request: dict, completion: ChatCompletion, attempts: int, elapsed
         getattr(usage, "prompt_tokens", None), getattr(details, "cached_tokens", None),
         getattr(usage, "completion_tokens", None),
     )
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_prices(prompt_price_per_1k_usd: float, completion_price_per_1k_usd: float) -> None:
+    for name, price in (("prompt_price_per_1k_usd", prompt_price_per_1k_usd),
+                        ("completion_price_per_1k_usd", completion_price_per_1k_usd)):
+        if not (math.isfinite(price) and price >= 0):
+            raise ValueError(f"{name}={price} must be a finite price of 0 or more US dollars per 1000 tokens")
 
 
 def _check_settings(base_url: str, api_key: str, model: str, timeout_s: float, connect_timeout_s: float,

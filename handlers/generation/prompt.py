@@ -153,8 +153,8 @@ def estimate_tokens(messages: list[dict[str, str]]) -> int:
     """Estimate the prompt tokens of `messages` without a tokenizer.
 
     ASCII characters count a quarter token each, any other character a whole token, plus
-    TOKENS_PER_MESSAGE for each message's role and separators. The result is an estimate
-    that is usually above the real count for CJK text and near it for English.
+    TOKENS_PER_MESSAGE for each message's role and separators. Real counts differ by
+    tokenizer, which is why the budget corrects the estimate with the reported usage.
     """
     ascii_chars = 0
     other_chars = 0
