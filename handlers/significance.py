@@ -71,7 +71,6 @@ def decide(state: dict, thresholds: Thresholds) -> Decision:
             return Decision(True, 1.0, ("new_user",))
         return NO_CHANGE
     elapsed_s = (state["last_seen"] or 0.0) - (profile["at"] or 0.0)
-    drift = interest_drift(interest_vector(state), profile["interests"])
     reasons = []
     # The cooldown bounds regenerations per user in event time. Two cases pass it: a volume
     # of new events that alone justifies a profile, and a first profile made before any
@@ -81,12 +80,17 @@ def decide(state: dict, thresholds: Thresholds) -> Decision:
     if new_events >= thresholds.new_content_events:
         reasons.append("new_content")
     cooled = elapsed_s >= thresholds.cooldown_s or not profile["interests"]
-    entry = thresholds.interest_drift
-    if profile.get("drift_armed"):
-        entry -= thresholds.drift_hysteresis
-    armed = drift >= entry
-    if cooled and armed and new_events >= thresholds.min_new_events:
-        reasons.append("interest_drift")
+    drift = 0.0
+    armed = bool(profile.get("drift_armed"))
+    # Drift is computed only once enough new events exist, since it can trigger nothing before.
+    if new_events >= thresholds.min_new_events:
+        drift = interest_drift(interest_vector(state), profile["interests"])
+        entry = thresholds.interest_drift
+        if armed:
+            entry -= thresholds.drift_hysteresis
+        armed = drift >= entry
+        if cooled and armed:
+            reasons.append("interest_drift")
     if elapsed_s >= thresholds.stale_after_s:
         reasons.append("stale")
     if not reasons:

@@ -18,6 +18,7 @@ Ordering rules:
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ WINDOW_HOURS = 7 * 24
 MAX_TOPICS = 64
 MAX_EVIDENCE = 5
 MAX_SEEN_EVENTS = 1024
+SEEN_EVICTION_BATCH = 64
 MAX_RECENT_POSTS = 10
 MAX_LANGUAGES = 8
 RECENT_TEXT_CHARS = 500
@@ -174,8 +176,8 @@ def interest_weights(state: dict, at: float | None = None) -> dict[str, float]:
 
 def top_interests(state: dict, limit: int) -> list[tuple[str, float, list[str]]]:
     """Return up to `limit` (topic, weight, evidence ids newest first), heaviest first, ties by name."""
-    entries = sorted(state["interests"].items(), key=lambda item: (-item[1][0], item[0]))
-    return [(topic, entry[0], [event_id for _, event_id in reversed(entry[2])]) for topic, entry in entries[:limit]]
+    entries = heapq.nsmallest(limit, state["interests"].items(), key=lambda item: (-item[1][0], item[0]))
+    return [(topic, entry[0], [event_id for _, event_id in reversed(entry[2])]) for topic, entry in entries]
 
 
 def _admit(state: dict, event_id: str, at: float) -> ApplyResult:
@@ -186,9 +188,13 @@ def _admit(state: dict, event_id: str, at: float) -> ApplyResult:
     if floor is not None and at < floor:
         return TOO_OLD
     seen[event_id] = at
-    if len(seen) > MAX_SEEN_EVENTS:
-        oldest = min(seen, key=lambda key: (seen[key], key))
-        state["seen_floor"] = seen.pop(oldest)
+    if len(seen) > MAX_SEEN_EVENTS + SEEN_EVICTION_BATCH:
+        # Evicting in batches keeps the cost per event constant instead of a scan per event.
+        ordered = sorted(seen.items(), key=lambda item: (item[1], item[0]))
+        evicted = ordered[: len(seen) - MAX_SEEN_EVENTS]
+        for key, _ in evicted:
+            del seen[key]
+        state["seen_floor"] = evicted[-1][1]
     state["events_applied"] += 1
     return APPLIED
 

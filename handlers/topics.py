@@ -15,6 +15,8 @@ from dataclasses import dataclass
 EXPLICIT_WEIGHT = 1.0
 IMPLICIT_WEIGHT = 0.25
 MAX_KEYWORDS_PER_POST = 5
+# Keywords come from the start of long posts only, which bounds the cost per post.
+KEYWORD_TEXT_CHARS = 2000
 
 _LATIN_WORD = re.compile(r"[a-z][a-z0-9+#'-]{2,31}")
 _HAN_RUN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
@@ -66,7 +68,7 @@ def extract_topics(text: str, hashtags: tuple[str, ...] = (), tags: tuple[str, .
 
 def extract_keywords(text: str, limit: int = MAX_KEYWORDS_PER_POST) -> list[str]:
     """Return up to `limit` keywords of `text`, most frequent first."""
-    text = _URL.sub(" ", text.casefold())
+    text = _URL.sub(" ", text[:KEYWORD_TEXT_CHARS].casefold())
     counts: Counter[str] = Counter()
     for word in _LATIN_WORD.findall(text):
         word = word.strip("'-")

@@ -107,11 +107,11 @@ def test_audience_unknown_kind_raises():
 
 
 def test_dedup_horizon_drops_older_events():
-    posts = [make_post(n, hours=n / 10) for n in range(user_state.MAX_SEEN_EVENTS + 10)]
+    posts = [make_post(n, hours=n / 10) for n in range(user_state.MAX_SEEN_EVENTS + user_state.SEEN_EVICTION_BATCH + 1)]
     state = apply_all(posts)
     result = user_state.apply_post(state, make_post(99_999, hours=-1))
     assert result.outcome == "beyond_dedup_horizon"
-    assert len(state["seen"]) == user_state.MAX_SEEN_EVENTS
+    assert len(state["seen"]) <= user_state.MAX_SEEN_EVENTS + user_state.SEEN_EVICTION_BATCH
 
 
 def test_state_size_bounded_for_heavy_user():
