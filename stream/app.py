@@ -1,4 +1,4 @@
-"""The Faust application: topics, the user-state table and the two agents.
+"""The Faust application: topics, the state and post-index tables, and the agents.
 
 Agents are thin: they turn Faust events into `Record`s and hand them to the ingest and
 generation stages, which hold the logic.
@@ -83,7 +83,9 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
             await post_index.handle_batch([_record(event) for event in events])
 
-    @app.agent(regenerate_topic, name="generate", concurrency=settings.generation_concurrency)
+    # One actor, so a batch holds every pending request and coalescing sees them all; the
+    # stage itself generates up to PROFILESTREAM_GENERATION_CONCURRENCY profiles at once.
+    @app.agent(regenerate_topic, name="generate")
     async def generate_agent(stream: faust.StreamT) -> None:
         stage = await resources.stage()
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
@@ -203,7 +205,8 @@ class _Resources:
             sinks.append(postgres)
         sinks.append(TopicSink(self._send_profile))
         logger.info("generation.ready generator=%s sinks=%s", "llm" if llm else "rules", ",".join(sink.name for sink in sinks))
-        return GenerationStage(generator, sinks, GenerationRateLimit(settings.generation_budget_per_minute))
+        return GenerationStage(generator, sinks, GenerationRateLimit(settings.generation_budget_per_minute),
+                               concurrency=settings.generation_concurrency)
 
     async def _send_profile(self, key: bytes, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
         pending = await self._profile_topic.send(key=key, value=value, headers=headers)

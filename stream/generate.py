@@ -66,10 +66,12 @@ class GenerationStage:
     backoff until it succeeds, so a Postgres or broker outage delays profiles but loses none.
     """
 
-    def __init__(self, generator: Generator, sinks: list[ProfileSinkLike], budget: GenerationRateLimit | None = None) -> None:
+    def __init__(self, generator: Generator, sinks: list[ProfileSinkLike], budget: GenerationRateLimit | None = None,
+                 concurrency: int = 1) -> None:
         self._generator = generator
         self._sinks = sinks
         self._budget = budget or GenerationRateLimit(0)
+        self._slots = asyncio.Semaphore(concurrency)
 
     async def handle(self, record: Record) -> dict | None:
         profiles = await self.handle_batch([record])
@@ -87,18 +89,27 @@ class GenerationStage:
                 if previous["version"] > request["version"]:
                     continue
             latest[request["user_id"]] = request
-        return [await self._generate(request) for request in latest.values()]
+        profiles = await asyncio.gather(*(self._generate(request) for request in latest.values()))
+        return [profile for profile in profiles if profile is not None]
 
-    async def _generate(self, request: dict) -> dict:
-        await self._budget.acquire()
-        started = time.perf_counter()
-        profile, outcome = await self._generator.generate(request)
-        metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
-        metrics.GENERATIONS.labels("rules" if profile["generator"] == "rules" else "llm", outcome).inc()
-        for sink in self._sinks:
-            await self._write_with_retry(sink, profile)
-        logger.debug("profile.written user_id=%s version=%s generator=%s", request["user_id"], request["version"], profile["generator"])
-        return profile
+    async def _generate(self, request: dict) -> dict | None:
+        async with self._slots:
+            await self._budget.acquire()
+            started = time.perf_counter()
+            profile, outcome = await self._generator.generate(request)
+            metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
+            metrics.GENERATIONS.labels("rules" if profile["generator"] == "rules" else "llm", outcome).inc()
+            for sink in self._sinks:
+                try:
+                    await self._write_with_retry(sink, profile)
+                except ProfilestreamError as error:
+                    # Not retriable: retrying cannot help, and raising would crash the agent.
+                    metrics.SINK_WRITES.labels(sink.name, "rejected").inc()
+                    logger.error("sink.write_rejected sink=%s user_id=%s version=%s error=%s",
+                                 sink.name, request["user_id"], request["version"], error)
+                    return None
+            logger.debug("profile.written user_id=%s version=%s generator=%s", request["user_id"], request["version"], profile["generator"])
+            return profile
 
     async def _write_with_retry(self, sink: ProfileSinkLike, profile: dict) -> None:
         delay_s = RETRY_INITIAL_S

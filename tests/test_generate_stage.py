@@ -1,7 +1,10 @@
 """The generation stage: coalescing per user and the generations-per-minute budget."""
 
+import asyncio
+
 import orjson
 
+from handlers.errors import InvalidRecord
 from stream.generate import GenerationStage, GenerationRateLimit
 from stream.records import Record
 
@@ -59,3 +62,33 @@ def test_budget_refills_over_time():
 def test_budget_zero_is_unlimited():
     budget = GenerationRateLimit(0)
     assert all(budget.wait_s() == 0.0 for _ in range(1000))
+
+
+class RejectingSink:
+    name = "rejecting"
+
+    async def write(self, profiles: list[dict]) -> int:
+        raise InvalidRecord("invalid_profile", "profile rejected by the test sink")
+
+
+async def test_rejected_write_skips_profile():
+    stage = GenerationStage(EchoGenerator(), [RejectingSink()])
+    assert await stage.handle_batch([request("u1", 1)]) == []
+
+
+async def test_batch_runs_generations_concurrently():
+    running = 0
+    peak = 0
+
+    class SlowGenerator(EchoGenerator):
+        async def generate(self, request: dict) -> tuple[dict, str]:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.01)
+            running -= 1
+            return await super().generate(request)
+
+    stage = GenerationStage(SlowGenerator(), [ListSink()], concurrency=3)
+    await stage.handle_batch([request(f"u{n}", 1) for n in range(10)])
+    assert peak == 3
