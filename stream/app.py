@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Iterator, MutableMapping
 from datetime import timedelta
+from pathlib import Path
 
 import faust
 import orjson
@@ -37,6 +38,7 @@ POST_INDEX_TABLE = "post-index"
 
 def create_app(settings: Settings) -> faust.App:
     """Build the worker's Faust app from validated settings."""
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
@@ -61,12 +63,12 @@ def create_app(settings: Settings) -> faust.App:
     # Keys are the raw user id bytes and the producer's partitioner places each changelog
     # record, so a user's state lands in the partition of the user's input records even
     # when one batch spans several partitions.
-    state_schema = faust.Schema(key_type=bytes, value_type=dict, key_serializer="raw", value_serializer="json")
-    table = app.Table(STATE_TABLE, default=None, partitions=settings.partitions, schema=state_schema,
-                      use_partitioner=True)
-
-    post_index_table = app.Table(POST_INDEX_TABLE, default=None, partitions=settings.partitions, schema=state_schema,
-                                 use_partitioner=True)
+    # Faust derives the changelog serializers from these types (bytes: raw; no value type:
+    # json), for writes and for the reads of table recovery alike. A Schema argument would
+    # change the writes only, and recovery would then fail to decode the keys.
+    keyed_by_bytes = {"key_type": bytes, "use_partitioner": True, "partitions": settings.partitions}
+    table = app.Table(STATE_TABLE, default=None, **keyed_by_bytes)
+    post_index_table = app.Table(POST_INDEX_TABLE, default=None, **keyed_by_bytes)
 
     emitter = _FaustEmitter(audience_topic, regenerate_topic, dead_letter_topic, post_index_topic)
     ingest = IngestStage(settings, _StrKeyedTable(table), emitter)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
+from aiokafka.errors import KafkaError
+
 from handlers.errors import ConfigError, ProfilestreamError
 
+from .logs import LogOptions, configure_logging
 from .settings import load_settings
-
-logger = logging.getLogger("profilestream")
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="profilestream", description="Live user profiles from a Kafka event stream.")
@@ -37,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     profiles.add_argument("--user", help="print this user's current profile and history as JSON")
     profiles.add_argument("--top", type=int, default=10, help="number of most active users to list (default: 10)")
 
+    health = commands.add_parser("health", help="print a running worker's readiness; exit 0 ready, 1 not ready, 2 unreachable")
+    health.add_argument("--url", help="readiness URL (default: /readyz on PROFILESTREAM_HTTP_HOST:PROFILESTREAM_HTTP_PORT)")
+
     demo = commands.add_parser("demo", help="start local Kafka and Postgres, replay the bundled data, print profiles")
     demo.add_argument("--keep-running", action="store_true", help="keep the services up after printing, until Ctrl+C")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the worker to catch up (default: 600)")
@@ -46,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        configure_logging(LogOptions.from_settings(load_settings()))
+    except ConfigError:
+        # The command reports the configuration error itself; log plainly until then.
+        configure_logging(LogOptions())
     try:
         return _run(args)
     except ConfigError as error:
@@ -54,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ProfilestreamError as error:
         print(f"profilestream: {error}", file=sys.stderr)
+        return 1
+    except KafkaError as error:
+        print(f"profilestream: Kafka request failed: {error}; check that the brokers in"
+              " PROFILESTREAM_KAFKA_BOOTSTRAP_SERVERS are running and reachable", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"profilestream: {error}; check the addresses in PROFILESTREAM_POSTGRES_DSN and"
+              " PROFILESTREAM_KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("profilestream: interrupted", file=sys.stderr)
@@ -77,6 +91,10 @@ def _run(args: argparse.Namespace) -> int:
 
         run_worker(settings)
         return 0
+    if args.command == "health":
+        from .health import probe_readiness, readiness_url
+
+        return probe_readiness(args.url or readiness_url(settings))
     if args.command == "topics":
         from .topics import ensure_topics
 

@@ -39,3 +39,28 @@ COALESCED = Counter(
 BUDGET_WAITS = Counter(
     "profilestream_budget_waits", "Times the generation stage waited for the global generations-per-minute budget."
 )
+CONSUMER_LAG = Gauge(
+    "profilestream_kafka_consumer_lag",
+    "Records of an assigned input partition not yet committed by the group (end offset minus committed offset).",
+    ["topic", "partition"],
+)
+COMMITTED_OFFSET_AGE = Gauge(
+    "profilestream_kafka_committed_offset_age_seconds",
+    "Seconds since this worker last saw the committed offset of an assigned input partition advance, or since the assignment.",
+    ["topic", "partition"],
+)
+ASSIGNED_PARTITIONS = Gauge(
+    "profilestream_kafka_assigned_partitions", "Input partitions assigned to this worker."
+)
+STALLED_PARTITIONS = Gauge(
+    "profilestream_kafka_stalled_partitions",
+    "Assigned input partitions with lag whose committed offset has not advanced for PROFILESTREAM_WATCHDOG_STALL_S.",
+)
+REBALANCES = Counter(
+    "profilestream_kafka_rebalances", "Consumer group rebalances this worker took part in (counted when they start)."
+)
+REBALANCE_SECONDS = Histogram(
+    "profilestream_kafka_rebalance_seconds",
+    "Time from the start of a rebalance to the end of table recovery.",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)

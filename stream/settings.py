@@ -63,8 +63,12 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(30 * 24 * 3600.0, gt=0, description="Event time after which any change triggers a new profile.")
     drift_hysteresis: float = Field(0.05, ge=0, lt=1, description="Drift margin below PROFILESTREAM_INTEREST_DRIFT that keeps an armed trigger armed.")
 
-    http_host: str = Field("127.0.0.1", description="Address of the worker's HTTP server (/metrics).")
-    http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server (/metrics).")
+    watchdog_stall_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False, description="Seconds an input partition with lag may go without its committed offset advancing before /readyz reports the consumer stalled.")
+    log_format: Literal["console", "json"] = Field("console", description="Log line format: console (readable key=value lines) or json (one JSON object per line).")
+    log_repeats_per_minute: int = Field(10, ge=1, le=100_000, description="Identical log messages (same logger and message template) written per minute; later repeats are dropped and counted in the next line's suppressed field.")
+
+    http_host: str = Field("127.0.0.1", description="Address of the worker's HTTP server (/metrics, /healthz, /readyz).")
+    http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server (/metrics, /healthz, /readyz).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of the worker.")
     data_dir: str = Field(".profilestream-data", description="Folder for the worker's local files.")
 

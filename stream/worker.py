@@ -1,4 +1,4 @@
-"""Run the worker: prepare topics and tables, serve /metrics, then run the Faust app."""
+"""Run the worker: prepare topics and tables, serve health and metrics over HTTP, then run the Faust app."""
 
 from __future__ import annotations
 
@@ -6,13 +6,18 @@ import asyncio
 import logging
 
 import faust
-from prometheus_client import start_http_server
 
 from handlers.sinks.postgres import migrate
 
 from .app import create_app
+from .health import WorkerStatus
+from .http_server import HttpServer
+from .kafka_metrics import ConsumerMonitor, RebalanceTracker
+from .logs import LogOptions, configure_logging, logging_config
+from .progress import consumed_topics
 from .settings import Settings
 from .topics import ensure_topics
+from .watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +30,26 @@ async def prepare(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
-    """Run until SIGTERM or Ctrl+C; Faust commits offsets and stops the agents on the way out."""
+    """Run until SIGTERM or Ctrl+C; Faust commits offsets and stops the agents on the way out.
+
+    The HTTP server and the consumer monitor are mode services of the Faust worker, so they
+    run in Faust's event loop, start before the app and stop after it.
+    """
+    log_options = LogOptions.from_settings(settings)
+    configure_logging(log_options)
     asyncio.run(prepare(settings))
-    start_http_server(settings.http_port, addr=settings.http_host)
-    logger.info("metrics.serving address=http://%s:%s/metrics", settings.http_host, settings.http_port)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     app = create_app(settings)
-    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True, redirect_stdouts=False)
+    status = WorkerStatus()
+    RebalanceTracker(status, consumed_topics(settings)).connect(app)
+    services = (
+        HttpServer(status, settings.http_host, settings.http_port, loop=loop),
+        ConsumerMonitor(settings, status, Watchdog(settings.watchdog_stall_s), loop=loop),
+    )
+    # mode's Worker clears the root handlers and applies `logging_config` when it starts.
+    worker = faust.Worker(app, *services, loop=loop, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
+                          logging_config=logging_config(log_options))
+    # With a spinner and a level of WARNING or above, Faust would set the root logger to DEBUG.
+    worker.spinner = None
     worker.execute_from_commandline()
