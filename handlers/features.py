@@ -12,6 +12,9 @@ from .state import top_interests, window_counts
 
 PROFILE_TOPICS = 10
 ACTIVE_HOURS = 3
+# A topic enters a profile only with at least this many distinct supporting events, so
+# every interest a profile states is backed by more than one event of the user.
+MIN_INTEREST_EVIDENCE = 2
 
 
 def isoformat(epoch_s: float | None) -> str | None:
@@ -22,7 +25,8 @@ def isoformat(epoch_s: float | None) -> str | None:
 
 def build_request(state: dict, version: int, reasons: tuple[str, ...]) -> dict:
     """Build the generation request for `version` of the user's profile."""
-    top = top_interests(state, PROFILE_TOPICS)
+    ranked = top_interests(state, len(state["interests"]))
+    top = [entry for entry in ranked if len(set(entry[2])) >= MIN_INTEREST_EVIDENCE][:PROFILE_TOPICS]
     heaviest = top[0][1] if top else 1.0
     totals = state["totals"]
     hours = state["active_hours"]

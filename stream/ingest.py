@@ -177,6 +177,8 @@ class IngestStage:
         for reason in decision.reasons:
             metrics.TRIGGERS.labels(reason).inc()
         request = features.build_request(state, version, decision.reasons)
+        # NOTE: a crash after the state's changelog record landed but before this request did
+        # loses the request, because reprocessing then sees duplicates and decides nothing.
         await self._emitter.regenerate(state["user_id"], request)
 
 

@@ -18,7 +18,7 @@ import schemas
 from handlers.errors import GenerationError
 from handlers.generation.budget import Budget
 from handlers.generation.circuit import CircuitBreaker, CircuitState
-from handlers.generation.llm import LLMGenerator, model_output_schema
+from handlers.generation.llm import LLMGenerator, check_grounding, model_output_schema
 from handlers.generation.prompt import build_messages
 from handlers.generation.service import ProfileGenerator
 from handlers.generation.telemetry import LLMTelemetry
@@ -1055,3 +1055,14 @@ async def test_storm_in_flight_bounded(storm) -> None:
 
 async def test_storm_recovers_after_outage(storm) -> None:
     assert storm["after"] == "llm"
+
+
+def test_single_citation_interest_ungrounded():
+    request = stub.build_test_request()
+    interest = request["interests"][0]
+    part = {"interests": [{"topic": interest["topic"], "weight": 1.0, "evidence": interest["evidence"][:1]}], "traits": []}
+    with pytest.raises(GenerationError) as caught:
+        check_grounding(part, request)
+    assert caught.value.outcome == "ungrounded"
+    part["interests"][0]["evidence"] = interest["evidence"][:2]
+    check_grounding(part, request)

@@ -67,3 +67,12 @@ def test_no_traits_for_light_user():
 def test_unsupported_language_rejected():
     with pytest.raises(ValueError, match="not supported"):
         rules.build_profile(request_for(3), language="fr", generated_at=NOW)
+
+
+def test_single_event_topic_left_out():
+    state = user_state.new_state("u1")
+    for n in range(3):
+        event = PostEvent(f"e{n}", "u1", f"p{n}", T0 + timedelta(hours=n), "", tags=("qiskit",) if n else ("once",))
+        user_state.apply_post(state, event)
+    request = features.build_request(state, significance.take_snapshot(state), ("new_user",))
+    assert [interest["topic"] for interest in request["interests"]] == ["qiskit"]

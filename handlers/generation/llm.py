@@ -35,6 +35,7 @@ from jsonschema.exceptions import best_match
 from openai.types.chat import ChatCompletion
 
 import schemas
+from handlers.features import MIN_INTEREST_EVIDENCE
 
 from ..errors import GenerationError
 from .budget import Budget
@@ -351,8 +352,8 @@ class LLMGenerator:
 def check_grounding(part: dict, request: dict) -> None:
     """Raise GenerationError("ungrounded") unless every claim in `part` is backed by `request`.
 
-    Each interest must name a topic from the request's interests, and each interest and trait
-    must cite at least one evidence id, all of them ids from the request (interest evidence
+    Each interest must name a topic from the request's interests and cite at least
+    MIN_INTEREST_EVIDENCE distinct ids, each trait at least one id, all of them ids from the request (interest evidence
     or recent post event ids). A trait that names a sensitive attribute is rejected too.
     A topic listed twice raises GenerationError("schema_invalid").
     """
@@ -368,6 +369,10 @@ def check_grounding(part: dict, request: dict) -> None:
             raise GenerationError("schema_invalid", f"interest topic {topic[:100]!r} appears twice")
         seen_topics.add(topic)
         _check_evidence(f"interest {topic[:100]!r}", interest["evidence"], known_ids)
+        if len(set(interest["evidence"])) < MIN_INTEREST_EVIDENCE:
+            raise GenerationError(
+                "ungrounded", f"interest {topic[:100]!r} cites {len(set(interest['evidence']))} distinct event ids;"
+                f" at least {MIN_INTEREST_EVIDENCE} are required")
     for trait in part["traits"]:
         name = trait["trait"]
         _check_evidence(f"trait {name[:100]!r}", trait["evidence"], known_ids)
