@@ -221,3 +221,13 @@ def test_estimate_grows_with_posts() -> None:
     long = build_messages(build_test_request(["one short post", "a second and much longer post " * 20]), "en")
 
     assert estimate_tokens(long) > estimate_tokens(short)
+
+
+def test_token_budget_drops_oldest_posts():
+    request = build_test_request([f"post number {n} " + "long text " * 200 for n in range(6)])
+    full = build_messages(request, "en")
+    trimmed = build_messages(request, "en", max_prompt_tokens=estimate_tokens(full) - 1)
+    kept = [post["event_id"] for post in json.loads(trimmed[1]["content"])["posts"]]
+    every = [post["event_id"] for post in json.loads(full[1]["content"])["posts"]]
+    assert kept == every[1:]
+    assert trimmed[0] == full[0]

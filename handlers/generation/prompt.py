@@ -29,6 +29,8 @@ LANGUAGE_NAMES = {
 MAX_INTERESTS = 20
 MAX_TRAITS = 10
 MAX_SUMMARY_CHARS = 1000
+# An estimate (see estimate_tokens) that leaves room in an 8k-token context for the reply.
+DEFAULT_MAX_PROMPT_TOKENS = 4000
 
 _DIGIT = "[0-9\uff10-\uff19]"
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+[@\uff20][A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
@@ -123,22 +125,32 @@ RULES
 """
 
 
-def build_messages(request: dict, language: str) -> list[dict[str, str]]:
+def build_messages(request: dict, language: str, *, max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS) -> list[dict[str, str]]:
     """Build the system and user messages for `request` (see handlers.features.build_request).
 
     Post text has e-mail addresses and phone numbers redacted. The user id, the version and
-    the post ids stay out of the prompt, because the model needs none of them.
+    the post ids stay out of the prompt, because the model needs none of them. While the
+    estimated prompt exceeds `max_prompt_tokens`, the oldest post is left out.
     """
+    posts = [
+        {"event_id": post["event_id"], "created_at": post["created_at"], "reply": post["reply"],
+         "text": redact_pii(post["text"])}
+        for post in request["recent_posts"]
+    ]
+    while True:
+        messages = _messages(request, posts, language)
+        if not posts or estimate_tokens(messages) <= max_prompt_tokens:
+            return messages
+        posts = posts[1:]
+
+
+def _messages(request: dict, posts: list[dict], language: str) -> list[dict[str, str]]:
     data = {
         "interests": request["interests"],
         "activity": request["activity"],
         "social": request["social"],
         "languages": request["languages"],
-        "posts": [
-            {"event_id": post["event_id"], "created_at": post["created_at"], "reply": post["reply"],
-             "text": redact_pii(post["text"])}
-            for post in request["recent_posts"]
-        ],
+        "posts": posts,
     }
     # ensure_ascii=False keeps CJK text readable and short. json.dumps still escapes quotes,
     # backslashes and control characters, and that escaping keeps post text inside its string.
