@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from .state import top_interests, window_counts
+from .state import recent_interests, top_interests, window_counts
 
 PROFILE_TOPICS = 10
 ACTIVE_HOURS = 3
 # A topic enters a profile only with at least this many distinct supporting events, so
 # every interest a profile states is backed by more than one event of the user.
 MIN_INTEREST_EVIDENCE = 2
+KEEP_TOPIC_FACTOR = 0.8
+RECENT_TOPICS = 5
 
 
 def isoformat(epoch_s: float | None) -> str | None:
@@ -23,10 +25,14 @@ def isoformat(epoch_s: float | None) -> str | None:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat().replace("+00:00", "Z")
 
 
-def build_request(state: dict, version: int, reasons: tuple[str, ...]) -> dict:
-    """Build the generation request for `version` of the user's profile."""
-    ranked = top_interests(state, len(state["interests"]))
-    top = [entry for entry in ranked if len(set(entry[2])) >= MIN_INTEREST_EVIDENCE][:PROFILE_TOPICS]
+def build_request(state: dict, version: int, reasons: tuple[str, ...], previous_topics: frozenset[str] = frozenset()) -> dict:
+    """Build the generation request for `version` of the user's profile.
+
+    `previous_topics` are the topics of the user's last profile. One of them keeps its place
+    while its weight stays above KEEP_TOPIC_FACTOR times the weight at the cut-off, so a
+    topic near the cut-off does not drop out of one version and back into the next.
+    """
+    top = _profile_topics(state, previous_topics)
     heaviest = top[0][1] if top else 1.0
     totals = state["totals"]
     hours = state["active_hours"]
@@ -50,6 +56,7 @@ def build_request(state: dict, version: int, reasons: tuple[str, ...]) -> dict:
             "active_hours_utc": busiest[:ACTIVE_HOURS],
         },
         "social": {"followers": max(0, state["followers"]), "following": max(0, state["following"])},
+        "recent_interests": [{"topic": topic, "weight": round(weight, 4)} for topic, weight in recent_interests(state, RECENT_TOPICS)],
         "languages": dict(state["languages"]),
         "recent_posts": [
             {"event_id": post["event_id"], "post_id": post["post_id"], "created_at": isoformat(post["at"]),
@@ -58,3 +65,20 @@ def build_request(state: dict, version: int, reasons: tuple[str, ...]) -> dict:
         ],
         "watermark": {"event_time": isoformat(state["last_seen"]), "events_applied": state["events_applied"]},
     }
+
+
+def _profile_topics(state: dict, previous_topics: frozenset[str]) -> list[tuple[str, float, list[str]]]:
+    ranked = top_interests(state, len(state["interests"]))
+    candidates = [entry for entry in ranked if len(set(entry[2])) >= MIN_INTEREST_EVIDENCE]
+    if len(candidates) <= PROFILE_TOPICS or not previous_topics:
+        return candidates[:PROFILE_TOPICS]
+    cutoff = candidates[PROFILE_TOPICS - 1][1]
+    kept = [entry for entry in candidates[PROFILE_TOPICS:] if entry[0] in previous_topics and entry[1] >= KEEP_TOPIC_FACTOR * cutoff]
+    chosen = candidates[:PROFILE_TOPICS]
+    # A kept topic replaces the lightest newcomer, never another kept or previous topic.
+    for entry in kept:
+        newcomers = [index for index, item in enumerate(chosen) if item[0] not in previous_topics]
+        if not newcomers:
+            break
+        chosen[newcomers[-1]] = entry
+    return sorted(chosen, key=lambda entry: (-entry[1], entry[0]))

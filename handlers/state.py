@@ -35,6 +35,9 @@ MAX_RECENT_POSTS = 10
 MAX_LANGUAGES = 8
 RECENT_TEXT_CHARS = 500
 DEFAULT_HALF_LIFE_S = 30 * 24 * 3600.0
+# Interests are kept at two time scales: the long one (half_life_s, a setting) describes the
+# user, the short one what the user is into this week.
+SHORT_HALF_LIFE_S = 7 * 24 * 3600.0
 # A like is weaker evidence of interest than writing about the topic.
 LIKED_TOPIC_FACTOR = 0.5
 
@@ -174,6 +177,12 @@ def interest_weights(state: dict, at: float | None = None) -> dict[str, float]:
     return {topic: entry[0] * factor for topic, entry in state["interests"].items()}
 
 
+def recent_interests(state: dict, limit: int) -> list[tuple[str, float]]:
+    """Return up to `limit` (topic, short-scale weight), heaviest first."""
+    entries = heapq.nsmallest(limit, state["interests"].items(), key=lambda item: (-item[1][3], item[0]))
+    return [(topic, entry[3]) for topic, entry in entries]
+
+
 def top_interests(state: dict, limit: int) -> list[tuple[str, float, list[str]]]:
     """Return up to `limit` (topic, weight, evidence ids newest first), heaviest first, ties by name."""
     entries = heapq.nsmallest(limit, state["interests"].items(), key=lambda item: (-item[1][0], item[0]))
@@ -232,12 +241,15 @@ def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: s
         ref = state["interest_ref"] = at
     elif at > ref:
         decay = math.pow(2.0, -(at - ref) / half_life_s)
+        short_decay = math.pow(2.0, -(at - ref) / SHORT_HALF_LIFE_S)
         for entry in interests.values():
             entry[0] *= decay
+            entry[3] *= short_decay
         ref = state["interest_ref"] = at
     state["half_life_s"] = half_life_s
-    entry = interests.setdefault(topic, [0.0, 0, []])
+    entry = interests.setdefault(topic, [0.0, 0, [], 0.0])
     entry[0] += weight * math.pow(2.0, (at - ref) / half_life_s)
+    entry[3] += weight * math.pow(2.0, (at - ref) / SHORT_HALF_LIFE_S)
     entry[1] += 1
     # Evidence keeps the latest events by event time, so arrival order does not matter.
     evidence = entry[2]

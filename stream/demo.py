@@ -24,9 +24,10 @@ from handlers.sinks.postgres import PostgresSink
 from .progress import wait_until_caught_up
 from .replay import replay
 from .report import format_profile
+from .services import spawn
 from .services.kafka import KafkaBroker
-from .services.postgres import PostgresCluster
 from .services.ports import free_port
+from .services.postgres import PostgresCluster
 from .settings import ENV_PREFIX, Settings, load_settings
 from .worker import prepare
 
@@ -39,6 +40,8 @@ def bundled_data_path() -> Path:
 
 
 def run_demo(*, keep_running: bool, timeout_s: float, top: int) -> int:
+    # SIGTERM unwinds like Ctrl+C, so every service the demo started is stopped.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="profilestream-demo-")))
@@ -70,12 +73,17 @@ def run_demo(*, keep_running: bool, timeout_s: float, top: int) -> int:
     return 0
 
 
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def _worker_process(settings: Settings, log_path: Path):
     env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
     env.update(_settings_env(settings))
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "stream", "worker"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # SIGTERM on the demo's death stops the worker too, even when the demo is killed.
+    process = spawn([sys.executable, "-m", "stream", "worker"], log_path=log_path, cwd=Path.cwd(),
+                    death_signal=signal.SIGTERM, env=env)
     try:
         yield process
     finally:
@@ -150,6 +158,7 @@ def _print_report(profiles: list[dict], settings: Settings, sent: int, progress:
           f" {progress.startup_s:.1f} s, then committed {progress.records} records (events plus internal"
           f" audience and regeneration records) in {progress.processing_s:.1f} s, about {rate:.0f} records/s."
           f" Demo wall time {total_s:.1f} s.")
-    print(f"Stored in Postgres (tables profiles_current and profiles_history) and on the compacted topic"
-          f" {settings.topic_profiles!r} at {settings.kafka_bootstrap_servers}; both are removed when the demo exits"
-          " unless --keep-running is given.")
+    print(f"Stored in Postgres at {settings.postgres_dsn.get_secret_value()} (tables profiles_current and"
+          f" profiles_history) and on the compacted topic {settings.topic_profiles!r} at"
+          f" {settings.kafka_bootstrap_servers}. Both are removed when the demo exits unless --keep-running is given;"
+          f" then try: PROFILESTREAM_POSTGRES_DSN={settings.postgres_dsn.get_secret_value()} profilestream profiles --top 3")

@@ -173,10 +173,11 @@ class IngestStage:
         significance.record_decision(state, decision)
         if not decision.regenerate:
             return
+        previous_topics = frozenset(state["profile"]["interests"])
         version = significance.take_snapshot(state)
         for reason in decision.reasons:
             metrics.TRIGGERS.labels(reason).inc()
-        request = features.build_request(state, version, decision.reasons)
+        request = features.build_request(state, version, decision.reasons, previous_topics)
         # NOTE: a crash after the state's changelog record landed but before this request did
         # loses the request, because reprocessing then sees duplicates and decides nothing.
         await self._emitter.regenerate(state["user_id"], request)

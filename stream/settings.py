@@ -56,11 +56,11 @@ class Settings(BaseSettings):
 
     max_future_s: float = Field(600.0, ge=0, description="Events stamped further ahead of the clock than this are dead-lettered.")
     interest_half_life_s: float = Field(30 * 24 * 3600.0, gt=0, description="Half-life of interest weights, in seconds of event time.")
-    min_events_new_user: int = Field(5, ge=1, description="Events a new user needs before the first profile.")
-    interest_drift: float = Field(0.35, gt=0, le=1, description="Interest drift (1 - cosine) that triggers a new profile.")
-    cooldown_s: float = Field(6 * 3600.0, ge=0, description="Minimum event time between two profiles of a user, in seconds.")
+    min_events_new_user: int = Field(10, ge=1, description="Events a new user needs before the first profile.")
+    interest_drift: float = Field(0.2, gt=0, le=1, description="Interest drift (1 - cosine) that triggers a new profile.")
+    cooldown_s: float = Field(7 * 24 * 3600.0, ge=0, description="Minimum event time between two profiles of a user, in seconds.")
     new_content_events: int = Field(50, ge=1, description="New events since the last profile that trigger a new one.")
-    stale_after_s: float = Field(30 * 24 * 3600.0, gt=0, description="Event time after which any change triggers a new profile.")
+    stale_after_s: float = Field(90 * 24 * 3600.0, gt=0, description="Event time after which any change triggers a new profile.")
     drift_hysteresis: float = Field(0.05, ge=0, lt=1, description="Drift margin below PROFILESTREAM_INTEREST_DRIFT that keeps an armed trigger armed.")
 
     watchdog_stall_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False, description="Seconds an input partition with lag may go without its committed offset advancing before /readyz reports the consumer stalled.")

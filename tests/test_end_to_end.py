@@ -136,7 +136,7 @@ async def fetch_all(dsn: str) -> tuple[dict[str, dict], int]:
 @pytest_asyncio.fixture(scope="module")
 async def run(kafka_bootstrap, module_database, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("end-to-end")
-    settings = isolated_settings(kafka_bootstrap, module_database, workdir)
+    settings = isolated_settings(kafka_bootstrap, module_database, workdir, min_events_new_user=5)
     events_path = workdir / "events.jsonl.gz"
     with gzip.open(bundled_data_path(), "rb") as source, gzip.open(events_path, "wb") as target:
         shutil.copyfileobj(source, target)

@@ -76,3 +76,21 @@ def test_single_event_topic_left_out():
         user_state.apply_post(state, event)
     request = features.build_request(state, significance.take_snapshot(state), ("new_user",))
     assert [interest["topic"] for interest in request["interests"]] == ["qiskit"]
+
+
+def test_previous_topic_keeps_place_near_cutoff():
+    state = user_state.new_state("u1")
+    n = 0
+    for rank in range(11):
+        # Topic t0 is the heaviest; t10 is just below the cut-off of ten topics.
+        repeats = 30 - rank if rank < 10 else 19
+        for _ in range(repeats):
+            user_state.apply_post(state, PostEvent(f"e{n}", "u1", f"p{n}", T0, "", tags=(f"t{rank}",)))
+            n += 1
+    version = significance.take_snapshot(state)
+    without = [item["topic"] for item in features.build_request(state, version, ())["interests"]]
+    kept = [item["topic"] for item in features.build_request(state, version, (), frozenset({"t10"}))["interests"]]
+    assert "t10" not in without
+    assert "t10" in kept
+    assert "t9" not in kept
+    assert len(kept) == features.PROFILE_TOPICS

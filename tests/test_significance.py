@@ -69,7 +69,8 @@ def test_new_content_triggers_without_drift():
     for n in range(10, 10 + RULES.new_content_events):
         post(state, n, 10 + n, "qiskit")
     decision = significance.decide(state, RULES)
-    assert decision.reasons == ("new_content",)
+    assert "new_content" in decision.reasons
+    assert "interest_drift" not in decision.reasons
 
 
 def test_stale_with_any_change_triggers():
@@ -125,3 +126,31 @@ def test_hysteresis_keeps_armed_trigger():
     assert significance.decide(state, rules).reasons == ("interest_drift",)
     significance.record_decision(state, significance.Decision(False, 0.0, (), drift_armed=False))
     assert not significance.decide(state, rules).regenerate
+
+
+def test_activity_change_triggers():
+    rules = significance.Thresholds(min_events_new_user=3, new_content_events=1000, cooldown_s=3600,
+                                    activity_change_ratio=2.0, activity_min_posts=5)
+    state = profiled_state()
+    for n in range(10, 16):
+        post(state, n, 3 + n / 10, "qiskit")
+    assert significance.decide(state, rules).reasons == ("activity_change",)
+
+
+def test_small_activity_change_ignored():
+    rules = significance.Thresholds(min_events_new_user=3, new_content_events=1000, cooldown_s=3600,
+                                    activity_min_posts=5)
+    state = profiled_state()
+    for n in range(10, 13):
+        post(state, n, 3 + n / 10, "qiskit")
+    assert not significance.decide(state, rules).regenerate
+
+
+def test_audience_change_triggers():
+    rules = significance.Thresholds(min_events_new_user=3, new_content_events=1000, cooldown_s=3600,
+                                    audience_min_followers=10, audience_change_share=0.2)
+    state = profiled_state()
+    at = (T0 + timedelta(hours=5)).timestamp()
+    for n in range(12):
+        user_state.apply_audience(state, "followed", f"f{n}", at)
+    assert significance.decide(state, rules).reasons == ("audience_change",)

@@ -179,3 +179,13 @@ def test_follow_unfollow_any_order():
     for order in itertools.permutations(events):
         results.add(apply_all(order)["following"])
     assert results == {0}
+
+
+def test_recent_interests_decay_faster():
+    state = apply_all([make_post(1, hours=0, tags=("old",)), make_post(2, hours=0.5, tags=("old",)),
+                       make_post(3, hours=14 * 24, tags=("new",))])
+    recent = dict(user_state.recent_interests(state, 5))
+    long_term = user_state.interest_weights(state)
+    assert recent["old"] == pytest.approx(2 * 0.25, rel=0.01)
+    assert long_term["old"] > recent["old"]
+    assert user_state.recent_interests(state, 1)[0][0] == "new"

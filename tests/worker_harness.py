@@ -12,6 +12,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from stream.services import spawn
 from stream.services.ports import free_port
 from stream.settings import ENV_PREFIX, Settings, load_settings
 
@@ -61,9 +62,9 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
         env.update(settings_env(self.settings))
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "stream", "worker"], env=env,
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+        # The worker gets SIGTERM when the test process dies, so no worker outlives a test run.
+        self.process = spawn([sys.executable, "-m", "stream", "worker"], log_path=self.log_path,
+                             cwd=Path(__file__).parent.parent, death_signal=signal.SIGTERM, env=env)
         return self
 
     def stop(self) -> int:

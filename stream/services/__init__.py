@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Callable, Sequence
 from pathlib import Path
 
 from handlers.errors import ProfilestreamError
@@ -103,6 +103,7 @@ def spawn(
     cwd: Path,
     death_signal: signal.Signals,
     user: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a server child in its own process group, with stdout and stderr appended to `log_path`.
 
@@ -118,6 +119,7 @@ def spawn(
             stderr=subprocess.STDOUT,
             process_group=0,
             preexec_fn=_die_with_parent(death_signal),
+            env=None if env is None else dict(env),
             **_user_arguments(user),
         )
 
