@@ -80,6 +80,7 @@ def decide(state: dict, thresholds: Thresholds) -> Decision:
         if state["events_applied"] >= thresholds.min_events_new_user:
             return Decision(True, 1.0, ("new_user",))
         return NO_CHANGE
+
     elapsed_s = (state["last_seen"] or 0.0) - (profile["at"] or 0.0)
     reasons = []
     # The cooldown bounds regenerations per user in event time. Two cases pass it: a volume
@@ -89,6 +90,7 @@ def decide(state: dict, thresholds: Thresholds) -> Decision:
     # latest event time ahead of the posts still to come.
     if new_events >= thresholds.new_content_events:
         reasons.append("new_content")
+
     cooled = elapsed_s >= thresholds.cooldown_s or not profile["interests"]
     drift = 0.0
     armed = bool(profile.get("drift_armed"))
@@ -101,6 +103,7 @@ def decide(state: dict, thresholds: Thresholds) -> Decision:
         armed = drift >= entry
         if cooled and armed:
             reasons.append("interest_drift")
+
     if cooled and _activity_changed(state, profile, thresholds):
         reasons.append("activity_change")
     if cooled and _audience_changed(state, profile, thresholds):
