@@ -33,7 +33,11 @@ def write_lines(path, lines: list[bytes]) -> None:
 
 async def run_worker_until_caught_up(settings, log_path) -> WorkerProcess:
     worker = WorkerProcess(settings, log_path).start()
-    await wait_until_caught_up(settings, timeout_s=CATCH_UP_TIMEOUT_S, on_poll=lambda *_: worker.check_alive())
+    try:
+        await wait_until_caught_up(settings, timeout_s=CATCH_UP_TIMEOUT_S, on_poll=lambda *_: worker.check_alive())
+    except BaseException:
+        worker.stop()
+        raise
     return worker
 
 

@@ -62,9 +62,10 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
         env.update(settings_env(self.settings))
-        # The worker gets SIGTERM when the test process dies, so no worker outlives a test run.
+        # SIGKILL when the test process dies: a stalled worker may not finish a SIGTERM shutdown,
+        # and no worker may outlive a test run.
         self.process = spawn([sys.executable, "-m", "stream", "worker"], log_path=self.log_path,
-                             cwd=Path(__file__).parent.parent, death_signal=signal.SIGTERM, env=env)
+                             cwd=Path(__file__).parent.parent, death_signal=signal.SIGKILL, env=env)
         return self
 
     def stop(self) -> int:
