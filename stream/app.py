@@ -85,8 +85,8 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
             await post_index.handle_batch([_record(event) for event in events])
 
-    # One actor, so a batch holds every pending request and coalescing sees them all; the
-    # stage itself generates up to PROFILESTREAM_GENERATION_CONCURRENCY profiles at once.
+    # One actor, so a batch contains every pending request and coalescing covers them all.
+    # The stage itself generates up to PROFILESTREAM_GENERATION_CONCURRENCY profiles at once.
     @app.agent(regenerate_topic, name="generate")
     async def generate_agent(stream: faust.StreamT) -> None:
         stage = await resources.stage()

@@ -179,7 +179,7 @@ class IngestStage:
             metrics.TRIGGERS.labels(reason).inc()
         request = features.build_request(state, version, decision.reasons, previous_topics)
         # NOTE: a crash after the state's changelog record landed but before this request did
-        # loses the request, because reprocessing then sees duplicates and decides nothing.
+        # loses the request, because reprocessing then finds only duplicates and decides nothing.
         await self._emitter.regenerate(state["user_id"], request)
 
 

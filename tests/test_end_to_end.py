@@ -70,6 +70,7 @@ def expected_outcomes(lines: list[bytes], settings) -> dict:
     likes_by_post = collections.Counter()
     posted = set()
     seen = set()
+
     for line in lines:
         topic, _ = route(line, settings)
         try:
@@ -88,6 +89,7 @@ def expected_outcomes(lines: list[bytes], settings) -> dict:
             audience += 1
         if event.kind == "like":
             likes_by_post[event.post_id] += 1
+
     # Every like of a post in the file also comes back from the post index as liked topics.
     audience += sum(count for post_id, count in likes_by_post.items() if post_id in posted)
     return {"applied": applied, "own_events": own_events, "tags": tags, "audience": audience}

@@ -326,7 +326,9 @@ class KafkaBroker:
         )
 
     def _wait_until_ready(self, started: float) -> None:
-        assert self._process is not None and self._port is not None and self.log_path is not None
+        assert self._process is not None
+        assert self._port is not None
+        assert self.log_path is not None
         deadline = started + self.start_timeout_s
         while True:
             if self._process.poll() is not None:

@@ -224,7 +224,9 @@ class PostgresCluster:
 
     def _wait_until_ready(self) -> None:
         """Poll postmaster.pid until its status line is "ready", which is how pg_ctl waits too."""
-        assert self._process is not None and self._work_dir is not None and self.log_path is not None
+        assert self._process is not None
+        assert self._work_dir is not None
+        assert self.log_path is not None
         pid_file = self._work_dir / "data" / "postmaster.pid"
         deadline = time.monotonic() + self.start_timeout_s
         while True:
