@@ -44,6 +44,17 @@ class GenerationError(ProfilestreamError):
 
 
 class SinkUnavailable(ProfilestreamError):
-    """Postgres or the broker rejected a write for a reason that may pass; retry later."""
+    """Postgres or the broker rejected a write for a reason that may pass; retry later.
+
+    `kind` is a short stable code for metric labels, such as "acquire_timeout" or "deadlock".
+    """
 
     retriable = True
+
+    def __init__(self, message: str, *, kind: str = "unavailable") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ProfileTooLarge(ProfilestreamError):
+    """A profile does not fit in one record of the profile topic, even after trimming; not retriable."""

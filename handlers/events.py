@@ -1,6 +1,8 @@
 """Typed input events and their decoding from Kafka record values.
 
 Decoding rules (documented in the README):
+- the value may be at most `max_bytes` long (PROFILESTREAM_MAX_EVENT_BYTES, 256 KiB by
+  default); a longer one is rejected as `oversized` before it is parsed;
 - the value must be UTF-8 JSON; invalid UTF-8 and lone surrogate escapes ("\\ud800") are
   rejected, while valid surrogate pairs (emoji) are kept;
 - U+0000 and the other C0 control characters except tab, newline and carriage return are
@@ -23,7 +25,7 @@ import schemas
 
 from .errors import InvalidRecord
 
-EventKind = Literal["post", "like", "follow"]
+EventKind = Literal["post", "like", "follow", "user_deleted"]
 MAX_RECORD_BYTES = 256 * 1024
 _EARLIEST = datetime(1990, 1, 1, tzinfo=UTC)
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
@@ -73,34 +75,50 @@ class FollowEvent:
         return self.follower_id
 
 
+@dataclass(frozen=True, slots=True)
+class UserDeletedEvent:
+    """The user's account was deleted at `deleted_at`; handlers.erasure has the rules."""
+
+    event_id: str
+    user_id: str
+    deleted_at: datetime
+
+    kind = "user_deleted"
+
+
+# Events the acting user caused; a UserDeletedEvent is not one of them.
 Event = PostEvent | LikeEvent | FollowEvent
 
 
-def parse_timestamp(value: str, *, now: datetime, max_future_s: float) -> datetime:
-    """Parse an RFC 3339 timestamp into an aware UTC datetime, or raise InvalidRecord."""
+def parse_timestamp(value: str, *, now: datetime, max_future_s: float, field: str = "created_at") -> datetime:
+    """Parse the RFC 3339 timestamp of `field` into an aware UTC datetime, or raise InvalidRecord."""
     try:
         # Python 3.11's parser rejects the lower-case "z" and "t" that RFC 3339 allows.
         parsed = datetime.fromisoformat(value.upper())
     except ValueError as exc:
-        raise InvalidRecord("invalid_timestamp", f"created_at {value!r} is not a real date-time: {exc}") from None
+        raise InvalidRecord("invalid_timestamp", f"{field} {value!r} is not a real date-time: {exc}") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     parsed = parsed.astimezone(UTC)
     if parsed < _EARLIEST:
-        raise InvalidRecord("invalid_timestamp", f"created_at {value!r} is before {_EARLIEST.date()}")
+        raise InvalidRecord("invalid_timestamp", f"{field} {value!r} is before {_EARLIEST.date()}")
     if parsed > now + timedelta(seconds=max_future_s):
         raise InvalidRecord(
             "future_timestamp",
-            f"created_at {value!r} is more than {max_future_s:.0f} s ahead of now ({now.isoformat()});"
+            f"{field} {value!r} is more than {max_future_s:.0f} s ahead of now ({now.isoformat()});"
             " fix the producer's clock or raise PROFILESTREAM_MAX_FUTURE_S",
         )
     return parsed
 
 
-def load_json(raw: bytes) -> object:
-    """Parse a record value as UTF-8 JSON, naming the failure precisely."""
-    if len(raw) > MAX_RECORD_BYTES:
-        raise InvalidRecord("oversized", f"record value is {len(raw)} bytes; the limit is {MAX_RECORD_BYTES}")
+def load_json(raw: bytes, max_bytes: int = MAX_RECORD_BYTES) -> object:
+    """Parse a record value of at most `max_bytes` as UTF-8 JSON, naming the failure precisely."""
+    if len(raw) > max_bytes:
+        raise InvalidRecord(
+            "oversized",
+            f"record value is {len(raw)} bytes, more than the limit of {max_bytes} bytes;"
+            " shorten the event or raise PROFILESTREAM_MAX_EVENT_BYTES",
+        )
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -121,12 +139,13 @@ def clean_text(text: str) -> str:
     return _CONTROL_CHARS.sub("", text)
 
 
-def decode_event(kind: EventKind, raw: bytes, *, now: datetime, max_future_s: float = 600.0) -> Event:
+def decode_event(kind: EventKind, raw: bytes, *, now: datetime, max_future_s: float = 600.0,
+                 max_bytes: int = MAX_RECORD_BYTES) -> Event | UserDeletedEvent:
     """Decode and validate one record value from the topic of `kind`.
 
     Raises InvalidRecord with a stable `reason` code for every way a record can be bad.
     """
-    document = load_json(raw)
+    document = load_json(raw, max_bytes)
     if not isinstance(document, dict):
         raise InvalidRecord("invalid_schema", f"record value is JSON {type(document).__name__}, expected an object")
     expected = f"{kind}.v1"
@@ -137,11 +156,14 @@ def decode_event(kind: EventKind, raw: bytes, *, now: datetime, max_future_s: fl
     error = schemas.fast_validator(expected)(document, "")
     if error is not None:
         raise InvalidRecord("invalid_schema", error.lstrip(": ") if error.startswith(":") else error.lstrip("/"))
-    created_at = parse_timestamp(document["created_at"], now=now, max_future_s=max_future_s)
+    time_field = "deleted_at" if kind == "user_deleted" else "created_at"
+    created_at = parse_timestamp(document[time_field], now=now, max_future_s=max_future_s, field=time_field)
     return _build(kind, document, created_at)
 
 
-def _build(kind: EventKind, document: dict, created_at: datetime) -> Event:
+def _build(kind: EventKind, document: dict, created_at: datetime) -> Event | UserDeletedEvent:
+    if kind == "user_deleted":
+        return UserDeletedEvent(event_id=document["event_id"], user_id=document["user_id"], deleted_at=created_at)
     if kind == "post":
         return PostEvent(
             event_id=document["event_id"],

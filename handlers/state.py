@@ -14,6 +14,7 @@ Ordering rules:
   oldest id cannot be checked, so it is dropped as `beyond_dedup_horizon`;
 - counts are signed sums (an unfollow subtracts one even when its follow has not arrived yet),
   so they commute; readers clamp them at zero.
+A user_deleted event replaces the state with an erasure marker; handlers.erasure has the rules.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from referencing import Registry, Resource
 
 from .compiled import Check, compile_schema
 
-EVENT_SCHEMAS = ("post.v1", "like.v1", "follow.v1")
+EVENT_SCHEMAS = ("post.v1", "like.v1", "follow.v1", "user_deleted.v1")
 ALL_SCHEMAS = (*EVENT_SCHEMAS, "profile.v1")
 
 

@@ -26,9 +26,13 @@ from handlers.sinks.topic import TopicSink
 from . import metrics
 from .generate import GenerationStage, GenerationRateLimit
 from .ingest import IngestStage
+from .kafka_security import faust_broker_credentials
+from .postgres_tls import postgres_ssl
 from .post_index import PostIndexStage
+from .producer_metrics import ProducerErrorSensor
 from .records import Record, dead_letter_headers
 from .settings import Settings
+from .state_size import estimate_json_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap_servers}",
+        broker_credentials=faust_broker_credentials(settings),
         store="memory://",
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
@@ -53,6 +58,7 @@ def create_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         table_cleanup_interval=timedelta(minutes=1).total_seconds(),
     )
+    app.sensors.add(ProducerErrorSensor())
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     ingest_channel = app.topic(*settings.input_topics, settings.topic_audience, **raw)
     audience_topic = app.topic(settings.topic_audience, **raw)
@@ -96,6 +102,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=10.0)
     async def report_state_size() -> None:
         metrics.STATE_USERS.set(len(table))
+        metrics.STATE_BYTES.set(estimate_json_bytes(table))
 
     @app.on_before_shutdown.connect
     async def close_resources(app: faust.App, **kwargs: object) -> None:
@@ -201,6 +208,7 @@ class _Resources:
                 settings.postgres_dsn.get_secret_value(),
                 pool_max=settings.postgres_pool_max,
                 acquire_timeout_s=settings.postgres_acquire_timeout_s,
+                ssl=postgres_ssl(settings),
             )
             await postgres.start()
             self._closers.append(postgres.close)

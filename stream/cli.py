@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     profiles.add_argument("--user", help="print this user's current profile and history as JSON")
     profiles.add_argument("--top", type=int, default=10, help="number of most active users to list (default: 10)")
 
+    api = commands.add_parser("api", help="serve the read API over Postgres without a worker, for example on a read replica")
+    api.add_argument("--host", help="address to listen on (default: PROFILESTREAM_HTTP_HOST)")
+    api.add_argument("--port", type=_tcp_port, help="TCP port to listen on, 0 for a free one (default: PROFILESTREAM_HTTP_PORT)")
+
     health = commands.add_parser("health", help="print a running worker's readiness; exit 0 ready, 1 not ready, 2 unreachable")
     health.add_argument("--url", help="readiness URL (default: /readyz on PROFILESTREAM_HTTP_HOST:PROFILESTREAM_HTTP_PORT)")
 
@@ -91,6 +95,13 @@ def _run(args: argparse.Namespace) -> int:
 
         run_worker(settings)
         return 0
+    if args.command == "api":
+        from .api_server import serve_api
+
+        host = settings.http_host if args.host is None else args.host
+        port = settings.http_port if args.port is None else args.port
+        asyncio.run(serve_api(settings, host, port))
+        return 0
     if args.command == "health":
         from .health import probe_readiness, readiness_url
 
@@ -104,7 +115,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "migrate":
         from handlers.sinks.postgres import migrate
 
-        asyncio.run(migrate(_require_dsn(settings)))
+        from .postgres_tls import postgres_ssl
+
+        asyncio.run(migrate(_require_dsn(settings), ssl=postgres_ssl(settings)))
         print("migrations applied")
         return 0
     if args.command == "replay":
@@ -115,11 +128,22 @@ def _run(args: argparse.Namespace) -> int:
               f"{settings.topic_posts}); per topic: {stats.by_topic}")
         return 0
     if args.command == "profiles":
+        from .postgres_tls import postgres_ssl
         from .report import print_profiles
 
-        asyncio.run(print_profiles(_require_dsn(settings), user_id=args.user, top=args.top))
+        asyncio.run(print_profiles(_require_dsn(settings), user_id=args.user, top=args.top, ssl=postgres_ssl(settings)))
         return 0
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _tcp_port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {text!r} is invalid; expected an integer from 0 to 65535")
+    return port
 
 
 def _require_dsn(settings) -> str:

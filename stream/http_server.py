@@ -1,4 +1,4 @@
-"""The worker's HTTP server: /healthz, /readyz and /metrics.
+"""The worker's HTTP server: /healthz, /readyz and /metrics, plus the read API when Postgres is configured.
 
 It runs as a mode service inside Faust's event loop rather than in a thread, so /healthz
 responds only while that loop runs, and a blocked loop fails the liveness probe.
@@ -10,50 +10,67 @@ import logging
 
 from aiohttp import web
 from mode import Service
-from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
+from handlers.sinks.postgres import PostgresSink
+
+from . import read_api
 from .health import WorkerStatus, readiness
+from .multiprocess_metrics import scrape_registry
 
 logger = logging.getLogger(__name__)
 
 
-class HttpServer(Service):
-    """Serve /healthz, /readyz and /metrics on `host`:`port` (port 0 picks a free port)."""
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"alive": True})
 
-    def __init__(self, status: WorkerStatus, host: str, port: int, **kwargs) -> None:
+
+async def metrics(request: web.Request) -> web.Response:
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encoder(scrape_registry()), headers={"Content-Type": content_type})
+
+
+class HttpServer(Service):
+    """Serve /healthz, /readyz and /metrics on `host`:`port` (port 0 picks a free port).
+
+    With a `profiles` sink it also serves the read API (stream.read_api), opening the sink's
+    pool on start and closing it on stop.
+    """
+
+    def __init__(self, status: WorkerStatus, host: str, port: int, *, profiles: PostgresSink | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.status = status
         self.host = host
         self.port = port
+        self.profiles = profiles
         self._runner: web.AppRunner | None = None
 
     async def on_start(self) -> None:
         application = web.Application()
-        application.router.add_get("/healthz", self._healthz)
+        application.router.add_get("/healthz", healthz)
         application.router.add_get("/readyz", self._readyz)
-        application.router.add_get("/metrics", self._metrics)
+        application.router.add_get("/metrics", metrics)
+        if self.profiles is not None:
+            await self.profiles.start()
+            read_api.add_routes(application, self.profiles)
         # Probes and scrapes every few seconds would flood the log with access lines.
         self._runner = web.AppRunner(application, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = self._runner.addresses[0][1]
-        logger.info("http.serving address=http://%s:%s endpoints=/healthz,/readyz,/metrics", self.host, self.port)
+        endpoints = ",".join(sorted({route.resource.canonical for route in application.router.routes() if route.resource}))
+        logger.info("http.serving address=http://%s:%s endpoints=%s", self.host, self.port, endpoints)
 
     async def on_stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
             logger.info("http.stopped address=http://%s:%s", self.host, self.port)
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"alive": True})
+        if self.profiles is not None:
+            await self.profiles.close()
 
     async def _readyz(self, request: web.Request) -> web.Response:
         verdict = readiness(self.status)
         return web.json_response(verdict.as_json(), status=200 if verdict.ready else 503)
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        return web.Response(body=encoder(REGISTRY), headers={"Content-Type": content_type})

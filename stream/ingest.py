@@ -14,12 +14,13 @@ from typing import Callable, Protocol
 
 import orjson
 
-from handlers import features, significance, state as user_state
+from handlers import erasure, features, significance, state as user_state
 from handlers.errors import InvalidRecord
-from handlers.events import Event, FollowEvent, LikeEvent, PostEvent, decode_event
+from handlers.events import Event, FollowEvent, LikeEvent, PostEvent, UserDeletedEvent, decode_event
 from handlers.topics import TopicSignal, extract_topics
 
 from . import metrics
+from .dead_letters import bounded_copy
 from .records import Record
 from .settings import Settings
 
@@ -38,9 +39,10 @@ class Emitter(Protocol):
 
 @dataclass
 class _Batch:
-    """Users' states loaded during one batch, and the users whose state changed."""
+    """Users' state-table values loaded during one batch, and the users whose value changed."""
 
-    states: dict[str, dict] = field(default_factory=dict)
+    # A value is a user's state, an erasure marker (handlers.erasure), or None for a new user.
+    states: dict[str, dict | None] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
 
 
@@ -88,7 +90,7 @@ class IngestStage:
                 "record.dead_lettered reason=%s topic=%s partition=%s offset=%s error=%s",
                 error.reason, record.topic, record.partition, record.offset, error.detail,
             )
-            await self._emitter.dead_letter(record, error)
+            await self._emitter.dead_letter(bounded_copy(record), error)
             metrics.DEAD_LETTERS.labels(error.reason).inc()
             outcome = "dead_letter"
         metrics.EVENTS.labels(kind, outcome).inc()
@@ -101,25 +103,52 @@ class IngestStage:
             return await self._apply_audience(record, batch)
         if kind == "unknown":
             raise InvalidRecord("unknown_topic", f"topic {record.topic!r} is not an input topic")
-        event = decode_event(kind, record.value, now=self._clock(), max_future_s=self._settings.max_future_s)
+        with metrics.DECODE_SECONDS.labels(kind).time():
+            event = decode_event(kind, record.value, now=self._clock(), max_future_s=self._settings.max_future_s,
+                                 max_bytes=self._settings.max_event_bytes)
         _check_key(record, event.user_id)
-        state = self._load(event.user_id, batch)
+        if isinstance(event, UserDeletedEvent):
+            return await self._apply_deletion(event, batch)
+        at = event.created_at.timestamp()
+        state = self._state_for(event.user_id, at, batch, own_event=True)
+        if state is None:
+            return erasure.DROPPED.outcome
         signals = extract_topics(event.text, event.hashtags, event.tags) if isinstance(event, PostEvent) else None
         result = self._update(state, event, signals)
         if not result.applied:
             return result.outcome
+        erasure.note_own_event(state, at)
         batch.changed.add(event.user_id)
         await self._emit_audience(event)
         await self._emit_post_index(event, signals)
         await self._decide(state)
         return result.outcome
 
-    def _load(self, user_id: str, batch: _Batch) -> dict:
-        state = batch.states.get(user_id)
-        if state is None:
-            state = self._table.get(user_id) or user_state.new_state(user_id)
+    def _value(self, user_id: str, batch: _Batch) -> dict | None:
+        if user_id not in batch.states:
+            batch.states[user_id] = self._table.get(user_id)
+        return batch.states[user_id]
+
+    def _state_for(self, user_id: str, at: float, batch: _Batch, *, own_event: bool) -> dict | None:
+        """Return the state a record stamped `at` applies to, or None when an erasure drops it."""
+        state = erasure.state_for_record(self._value(user_id, batch), user_id, at, own_event=own_event)
+        if state is not None:
             batch.states[user_id] = state
         return state
+
+    async def _apply_deletion(self, event: UserDeletedEvent, batch: _Batch) -> str:
+        deleted_at = event.deleted_at.timestamp()
+        value, result = erasure.erase(self._value(event.user_id, batch), event.user_id, event.event_id, deleted_at)
+        if not result.applied:
+            return result.outcome
+        batch.states[event.user_id] = value
+        batch.changed.add(event.user_id)
+        # The erasure goes to the regenerate topic, keyed like the user's regeneration requests,
+        # so the generate stage handles it after every request sent before it.
+        await self._emitter.regenerate(event.user_id, erasure.erase_request(event.user_id, value[erasure.MARKER_FIELD]))
+        logger.info("user.erased user_id=%s event_id=%s deleted_at=%s recreated=%s",
+                    event.user_id, event.event_id, event.deleted_at.isoformat(), erasure.is_live(value))
+        return result.outcome
 
     def _update(self, state: dict, event: Event, signals: list[TopicSignal] | None) -> user_state.ApplyResult:
         if isinstance(event, PostEvent):
@@ -154,7 +183,9 @@ class IngestStage:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord("invalid_internal", f"audience record at {record.position()} is malformed: {exc!r}") from None
         _check_key(record, user_id)
-        state = self._load(user_id, batch)
+        state = self._state_for(user_id, at, batch, own_event=False)
+        if state is None:
+            return erasure.DROPPED.outcome
         try:
             if kind == "liked_topics":
                 topics = [(str(topic), float(weight)) for topic, weight in message["topics"]]
@@ -178,6 +209,7 @@ class IngestStage:
         for reason in decision.reasons:
             metrics.TRIGGERS.labels(reason).inc()
         request = features.build_request(state, version, decision.reasons, previous_topics)
+        erasure.tag_request(request, state)
         # NOTE: a crash after the state's changelog record landed but before this request did
         # loses the request, because reprocessing then finds only duplicates and decides nothing.
         await self._emitter.regenerate(state["user_id"], request)

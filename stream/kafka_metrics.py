@@ -1,4 +1,4 @@
-"""Consumer-group metrics of one worker: lag and committed-offset age per input partition, rebalances.
+"""Consumer-group metrics of one worker: lag and committed-offset age per input partition, pending regenerations, rebalances.
 
 The rebalance tracker follows Faust's signals. The consumer monitor polls the broker with
 its own admin client and offset-only consumer (public aiokafka APIs, no group membership),
@@ -20,6 +20,8 @@ from mode import Service
 
 from . import metrics
 from .health import WorkerStatus
+from .kafka_security import aiokafka_security_kwargs
+from .multiprocess_metrics import clear_gauge_series
 from .settings import Settings
 from .watchdog import PartitionOffsets, Watchdog
 
@@ -166,22 +168,25 @@ class ConsumerMonitor(Service):
     def _report(self, offsets: dict[TopicPartition, PartitionOffsets]) -> None:
         for partition in self._reported - set(offsets):
             labels = (partition.topic, str(partition.partition))
-            metrics.CONSUMER_LAG.remove(*labels)
-            metrics.COMMITTED_OFFSET_AGE.remove(*labels)
+            clear_gauge_series(metrics.CONSUMER_LAG, *labels)
+            clear_gauge_series(metrics.COMMITTED_OFFSET_AGE, *labels)
         for partition, current in offsets.items():
             labels = (partition.topic, str(partition.partition))
             metrics.CONSUMER_LAG.labels(*labels).set(current.lag)
             metrics.COMMITTED_OFFSET_AGE.labels(*labels).set(self.watchdog.committed_age_s(partition))
         self._reported = set(offsets)
         metrics.STALLED_PARTITIONS.set(len(self.status.stalled_partitions))
+        regenerate = self.settings.topic_regenerate
+        metrics.REGENERATIONS_PENDING.set(sum(current.lag for partition, current in offsets.items() if partition.topic == regenerate))
 
     async def _clients(self) -> tuple[AIOKafkaAdminClient, AIOKafkaConsumer]:
         if self._admin is None or self._consumer is None:
             await self._close_clients()
             servers = self.settings.kafka_bootstrap_servers
             client_id = f"{self.settings.app_id}-monitor"
-            admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id=client_id)
-            consumer = AIOKafkaConsumer(bootstrap_servers=servers, client_id=client_id, enable_auto_commit=False)
+            security = aiokafka_security_kwargs(self.settings)
+            admin = AIOKafkaAdminClient(bootstrap_servers=servers, client_id=client_id, **security)
+            consumer = AIOKafkaConsumer(bootstrap_servers=servers, client_id=client_id, enable_auto_commit=False, **security)
             # Stored before starting, so the poll loop's error handler closes a half-started pair.
             self._admin, self._consumer = admin, consumer
             await admin.start()

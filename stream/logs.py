@@ -56,10 +56,12 @@ class LogOptions:
 
 
 def secrets_of(settings: Settings) -> tuple[str, ...]:
-    """Return the secret values of the settings: the LLM API key and the Postgres DSN's password."""
+    """Return the secret values of the settings: the LLM API key, the Kafka SASL password and the Postgres DSN's password."""
     secrets = []
     if settings.llm_api_key is not None:
         secrets.append(settings.llm_api_key.get_secret_value())
+    if settings.kafka_sasl_password is not None:
+        secrets.append(settings.kafka_sasl_password.get_secret_value())
     if settings.postgres_dsn is not None:
         secrets.extend(dsn_passwords(settings.postgres_dsn.get_secret_value()))
     return tuple(secret for secret in secrets if secret)

@@ -23,12 +23,34 @@ GENERATION_SECONDS = Histogram(
 SINK_WRITES = Counter(
     "profilestream_sink_writes", "Profile writes by sink and outcome.", ["sink", "outcome"]
 )
+ERASURES = Counter(
+    "profilestream_erasures", "User erasures carried out in a sink (rows deleted, tombstone sent), by sink and outcome.", ["sink", "outcome"]
+)
 SINK_SECONDS = Histogram(
     "profilestream_sink_write_seconds", "Time of one profile write, by sink.", ["sink"],
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
 )
 STATE_USERS = Gauge(
-    "profilestream_state_users", "Users whose state this worker holds in memory."
+    "profilestream_state_users", "Users whose state this worker holds in memory.",
+    multiprocess_mode="livesum",
+)
+STATE_BYTES = Gauge(
+    "profilestream_state_bytes",
+    "Estimated JSON-encoded size of the user-state table this worker holds: the mean size of a random sample of entries times their count.",
+    multiprocess_mode="livesum",
+)
+DECODE_SECONDS = Histogram(
+    "profilestream_decode_seconds", "Time to decode and validate one input record, by event type; invalid records included.",
+    ["type"], buckets=(0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.05),
+)
+REGENERATIONS_PENDING = Gauge(
+    "profilestream_regenerations_pending",
+    "Regeneration requests in this worker's partitions of the regenerate topic that the group has not committed yet.",
+    multiprocess_mode="livesum",
+)
+PRODUCER_ERRORS = Counter(
+    "profilestream_kafka_producer_errors",
+    "Records the Kafka producer failed to deliver after its own retries, to any topic (dead letters, changelogs and profiles included).",
 )
 POST_INDEX = Counter(
     "profilestream_post_index_records", "Post-index records by kind (post, like) and outcome.", ["kind", "outcome"]
@@ -43,18 +65,22 @@ CONSUMER_LAG = Gauge(
     "profilestream_kafka_consumer_lag",
     "Records of an assigned input partition not yet committed by the group (end offset minus committed offset).",
     ["topic", "partition"],
+    multiprocess_mode="livesum",
 )
 COMMITTED_OFFSET_AGE = Gauge(
     "profilestream_kafka_committed_offset_age_seconds",
     "Seconds since this worker last saw the committed offset of an assigned input partition advance, or since the assignment.",
     ["topic", "partition"],
+    multiprocess_mode="livemax",
 )
 ASSIGNED_PARTITIONS = Gauge(
-    "profilestream_kafka_assigned_partitions", "Input partitions assigned to this worker."
+    "profilestream_kafka_assigned_partitions", "Input partitions assigned to this worker.",
+    multiprocess_mode="livesum",
 )
 STALLED_PARTITIONS = Gauge(
     "profilestream_kafka_stalled_partitions",
     "Assigned input partitions with lag whose committed offset has not advanced for PROFILESTREAM_WATCHDOG_STALL_S.",
+    multiprocess_mode="livesum",
 )
 REBALANCES = Counter(
     "profilestream_kafka_rebalances", "Consumer group rebalances this worker took part in (counted when they start)."
@@ -63,4 +89,13 @@ REBALANCE_SECONDS = Histogram(
     "profilestream_kafka_rebalance_seconds",
     "Time from the start of a rebalance to the end of table recovery.",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)
+READ_REQUESTS = Counter(
+    "profilestream_read_api_requests",
+    "Read API requests by route template (never the user id) and HTTP status code.",
+    ["route", "status"],
+)
+READ_SECONDS = Histogram(
+    "profilestream_read_api_seconds", "Time to serve one read API request, by route template.", ["route"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
 )

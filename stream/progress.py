@@ -9,6 +9,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, UnknownTopicOrPartitionError
 
+from .kafka_security import aiokafka_security_kwargs
 from .settings import Settings
 
 
@@ -18,8 +19,11 @@ def consumed_topics(settings: Settings) -> list[str]:
 
 async def group_lag(settings: Settings) -> tuple[int, int]:
     """Return (lag, committed): records not yet committed by the worker's group, and those committed."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-progress")
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-progress")
+    security = aiokafka_security_kwargs(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-progress",
+                                **security)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-progress",
+                                **security)
     await admin.start()
     await consumer.start()
     try:

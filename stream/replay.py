@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from stream.importers.jsonl import read_jsonl
 
+from .kafka_security import aiokafka_security_kwargs
 from .settings import Settings
 
-ACTOR_FIELD = {"post": "user_id", "like": "user_id", "follow": "follower_id"}
+ACTOR_FIELD = {"post": "user_id", "like": "user_id", "follow": "follower_id", "user_deleted": "user_id"}
 IN_FLIGHT_MAX = 2000
 
 
@@ -56,6 +57,7 @@ async def replay(path: Path, settings: Settings, *, rate_per_s: float | None = N
         acks="all",
         enable_idempotence=True,
         linger_ms=20,
+        **aiokafka_security_kwargs(settings),
     )
     stats = ReplayStats()
     started = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl as ssl_module
 import textwrap
 
 import orjson
@@ -30,8 +31,9 @@ def format_profile(profile: dict) -> str:
     return "\n".join(lines + summary)
 
 
-async def print_profiles(dsn: str, *, user_id: str | None = None, top: int = 10) -> None:
-    sink = PostgresSink(dsn, pool_max=1)
+async def print_profiles(dsn: str, *, user_id: str | None = None, top: int = 10,
+                         ssl: ssl_module.SSLContext | str | None = None) -> None:
+    sink = PostgresSink(dsn, pool_max=1, ssl=ssl)
     await sink.start()
     try:
         if user_id is not None:

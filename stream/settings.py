@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from handlers.errors import ConfigError
 from handlers.significance import Thresholds
+
+from .settings_file import SettingsFileSource
 
 ENV_PREFIX = "PROFILESTREAM_"
 
@@ -24,15 +27,25 @@ class Settings(BaseSettings):
     topic_posts: str = Field("posts", description="Input topic of post.v1 events.")
     topic_likes: str = Field("likes", description="Input topic of like.v1 events.")
     topic_follows: str = Field("follows", description="Input topic of follow.v1 events.")
+    topic_users: str = Field("users", description="Input topic of user_deleted.v1 events, which erase a user's state and profiles.")
     topic_profiles: str = Field("profiles", description="Compacted output topic of profile.v1 documents.")
     topic_dead_letter: str = Field("profilestream-dead-letter", description="Topic for records that cannot be applied.")
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic the project creates; input topics must all have this count.")
     replication_factor: int = Field(1, ge=1, le=7, description="Replication factor of the topics the project creates.")
     kafka_session_timeout_s: float = Field(30.0, gt=0, description="Consumer group session timeout, in seconds.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="Protocol of every Kafka connection: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT (SASL without TLS) or SASL_SSL (SASL over TLS).")
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field("PLAIN", description="SASL mechanism with SASL_PLAINTEXT and SASL_SSL.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user name; required with SASL_PLAINTEXT and SASL_SSL.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password; required with SASL_PLAINTEXT and SASL_SSL.")
+    kafka_ssl_cafile: str | None = Field(None, description="Path of a PEM file of CA certificates that verify the brokers with SSL and SASL_SSL; unset uses the system's CA certificates.")
+    kafka_ssl_certfile: str | None = Field(None, description="Path of a PEM client certificate for TLS client authentication with SSL and SASL_SSL.")
+    kafka_ssl_keyfile: str | None = Field(None, description="Path of the unencrypted PEM private key of PROFILESTREAM_KAFKA_SSL_CERTFILE; unset when the certificate file contains the key.")
 
     postgres_dsn: SecretStr | None = Field(None, description="Postgres connection string; unset disables the Postgres sink.")
     postgres_pool_max: int = Field(5, ge=1, le=100, description="Maximum connections in the Postgres pool.")
     postgres_acquire_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    postgres_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = Field(None, description="TLS mode of the Postgres connections, with libpq's meanings; unset uses the DSN's sslmode, then PGSSLMODE, then prefer.")
+    postgres_sslrootcert: str | None = Field(None, description="Path of a PEM file of CA certificates that verify the Postgres server; only with PROFILESTREAM_POSTGRES_SSLMODE verify-ca or verify-full.")
 
     llm_base_url: str | None = Field(None, description="Base URL of an OpenAI-compatible API; unset uses the rules generator only.")
     llm_api_key: SecretStr | None = Field(None, description="API key for the LLM endpoint.")
@@ -55,6 +68,7 @@ class Settings(BaseSettings):
     profile_language: Literal["en", "zh"] = Field("en", description="Language of the profile summary.")
 
     max_future_s: float = Field(600.0, ge=0, description="Events stamped further ahead of the clock than this are dead-lettered.")
+    max_event_bytes: int = Field(256 * 1024, ge=1024, description="Largest input record value, in bytes; a larger record is dead-lettered as oversized without being parsed.")
     interest_half_life_s: float = Field(30 * 24 * 3600.0, gt=0, description="Half-life of interest weights, in seconds of event time.")
     min_events_new_user: int = Field(10, ge=1, description="Events a new user needs before the first profile.")
     interest_drift: float = Field(0.2, gt=0, le=1, description="Interest drift (1 - cosine) that triggers a new profile.")
@@ -71,6 +85,26 @@ class Settings(BaseSettings):
     http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server (/metrics, /healthz, /readyz).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level of the worker.")
     data_dir: str = Field(".profilestream-data", description="Folder for the worker's local files.")
+    settings_file: str | None = Field(None, description="Path of a .env file (PROFILESTREAM_* lines) or a .toml file (setting names without the prefix, in lower case) read before the environment; environment variables win.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Arguments win over the environment, and the environment over the settings file.
+        return init_settings, env_settings, SettingsFileSource(settings_cls, init_settings.init_kwargs)
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "postgres_sslrootcert", "settings_file")
+    @classmethod
+    def _check_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"file {value} not found; set {ENV_PREFIX}{info.field_name.upper()} to the path of an existing file")
+        return value
 
     @model_validator(mode="after")
     def _check_llm(self) -> Settings:
@@ -85,10 +119,54 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> Settings:
+        protocol = self.kafka_security_protocol
+        credentials = {"KAFKA_SASL_USERNAME": self.kafka_sasl_username, "KAFKA_SASL_PASSWORD": self.kafka_sasl_password}
+        files = {"KAFKA_SSL_CAFILE": self.kafka_ssl_cafile, "KAFKA_SSL_CERTFILE": self.kafka_ssl_certfile,
+                 "KAFKA_SSL_KEYFILE": self.kafka_ssl_keyfile}
+        if protocol.startswith("SASL_"):
+            missing = [f"{ENV_PREFIX}{name}" for name, value in credentials.items() if not _is_set(value)]
+            if missing:
+                raise ValueError(
+                    f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} needs {ENV_PREFIX}KAFKA_SASL_USERNAME and"
+                    f" {ENV_PREFIX}KAFKA_SASL_PASSWORD; set {' and '.join(missing)}"
+                )
+        else:
+            stray = [f"{ENV_PREFIX}{name}" for name, value in credentials.items() if _is_set(value)]
+            if stray:
+                raise ValueError(
+                    f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} sends no SASL credentials, but"
+                    f" {' and '.join(stray)} {'is' if len(stray) == 1 else 'are'} set; set the protocol to"
+                    " SASL_PLAINTEXT or SASL_SSL, or unset the credentials"
+                )
+        if protocol not in ("SSL", "SASL_SSL"):
+            stray = [f"{ENV_PREFIX}{name}" for name, value in files.items() if value is not None]
+            if stray:
+                raise ValueError(
+                    f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={protocol} uses no TLS, but {', '.join(stray)}"
+                    f" {'is' if len(stray) == 1 else 'are'} set; set the protocol to SSL or SASL_SSL, or unset the files"
+                )
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError(
+                f"{ENV_PREFIX}KAFKA_SSL_KEYFILE is set but {ENV_PREFIX}KAFKA_SSL_CERTFILE is not;"
+                " set the client certificate too, or unset the key"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_postgres_tls(self) -> Settings:
+        if self.postgres_sslrootcert is not None and self.postgres_sslmode not in ("verify-ca", "verify-full"):
+            raise ValueError(
+                f"{ENV_PREFIX}POSTGRES_SSLROOTCERT is set but {ENV_PREFIX}POSTGRES_SSLMODE is {self.postgres_sslmode or 'unset'},"
+                " which verifies no server certificate; set the mode to verify-ca or verify-full, or unset the file"
+            )
+        return self
+
     @property
     def input_topics(self) -> dict[str, str]:
         """Map each input topic name to the event kind it carries."""
-        return {self.topic_posts: "post", self.topic_likes: "like", self.topic_follows: "follow"}
+        return {self.topic_posts: "post", self.topic_likes: "like", self.topic_follows: "follow", self.topic_users: "user_deleted"}
 
     @property
     def topic_audience(self) -> str:
@@ -114,6 +192,12 @@ class Settings(BaseSettings):
         )
 
 
+def _is_set(value: str | SecretStr | None) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return bool(value)
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning validation errors into one ConfigError naming each variable."""
     known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
@@ -130,7 +214,9 @@ def load_settings(**overrides: object) -> Settings:
             field = ".".join(str(part) for part in error["loc"])
             name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
             value = error.get("input")
-            shown = "" if "secret" in field or "key" in field or "dsn" in field else f" (got {value!r})"
+            # A model-level error (no field) has every input as its value, secrets included.
+            hidden = not field or any(word in field for word in ("secret", "key", "dsn", "password"))
+            shown = "" if hidden else f" (got {value!r})"
             problems.append(f"{name}: {error['msg']}{shown}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 

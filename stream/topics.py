@@ -8,6 +8,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from handlers.errors import ConfigError
 
+from .kafka_security import aiokafka_security_kwargs
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ async def ensure_topics(settings: Settings) -> list[str]:
     Returns the names of the topics it created. Raises ConfigError when co-partitioned
     topics disagree, because user state would then be split across workers.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-admin")
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, client_id=f"{settings.app_id}-admin",
+                                **aiokafka_security_kwargs(settings))
     await admin.start()
     try:
         required = required_topics(settings)

@@ -1,4 +1,4 @@
-"""Run the worker: prepare topics and tables, serve health and metrics over HTTP, then run the Faust app."""
+"""Run the worker: prepare topics and tables, serve health, metrics and the read API over HTTP, then run the Faust app."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from .health import WorkerStatus
 from .http_server import HttpServer
 from .kafka_metrics import ConsumerMonitor, RebalanceTracker
 from .logs import LogOptions, configure_logging, logging_config
+from .multiprocess_metrics import mark_dead_at_exit
+from .postgres_tls import postgres_ssl
 from .progress import consumed_topics
+from .read_api import profile_store
 from .settings import Settings
 from .topics import ensure_topics
 from .watchdog import Watchdog
@@ -26,7 +29,7 @@ async def prepare(settings: Settings) -> None:
     """Create missing topics and apply Postgres migrations; both are idempotent."""
     await ensure_topics(settings)
     if settings.postgres_dsn is not None:
-        await migrate(settings.postgres_dsn.get_secret_value())
+        await migrate(settings.postgres_dsn.get_secret_value(), ssl=postgres_ssl(settings))
 
 
 def run_worker(settings: Settings) -> None:
@@ -37,6 +40,7 @@ def run_worker(settings: Settings) -> None:
     """
     log_options = LogOptions.from_settings(settings)
     configure_logging(log_options)
+    mark_dead_at_exit()
     asyncio.run(prepare(settings))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
@@ -44,7 +48,7 @@ def run_worker(settings: Settings) -> None:
     status = WorkerStatus()
     RebalanceTracker(status, consumed_topics(settings)).connect(app)
     services = (
-        HttpServer(status, settings.http_host, settings.http_port, loop=loop),
+        HttpServer(status, settings.http_host, settings.http_port, profiles=profile_store(settings), loop=loop),
         ConsumerMonitor(settings, status, Watchdog(settings.watchdog_stall_s), loop=loop),
     )
     # mode's Worker clears the root handlers and applies `logging_config` when it starts.

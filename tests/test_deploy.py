@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from stream.cli import build_parser
+from stream.metrics_catalogue import catalogue
 from stream.settings import ENV_PREFIX, Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,6 +33,7 @@ DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS_FILE = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST_FILE = DEPLOY / "prometheus" / "alerts_test.yml"
 DASHBOARD_FILE = DEPLOY / "grafana" / "dashboards" / "profilestream.json"
 DATASOURCE_FILE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 K8S_DIR = DEPLOY / "kubernetes"
@@ -41,9 +43,9 @@ DOCKERIGNORE = REPO / ".dockerignore"
 # Kubernetes release whose API schemas the manifests must satisfy. kubernetes-validate 1.37.0
 # (pinned in pyproject.toml) ships schemas for 1.25 to 1.37.
 K8S_VERSION = "1.33.0"
-# Custom resources of the Prometheus Operator and kustomize's own file: kubernetes-validate has
-# no schema for them, so test_k8s_custom_resource_shape checks them instead.
-K8S_KINDS_WITHOUT_SCHEMA = {"ServiceMonitor", "PrometheusRule", "Kustomization"}
+# Custom resources of the Prometheus Operator and KEDA, and kustomize's own file:
+# kubernetes-validate has no schema for them, so the shape tests below check them instead.
+K8S_KINDS_WITHOUT_SCHEMA = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "Kustomization"}
 
 SETTING_VARIABLES = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
 SECRET_VARIABLES = {f"{ENV_PREFIX}POSTGRES_DSN", f"{ENV_PREFIX}LLM_API_KEY"}
@@ -61,8 +63,37 @@ DASHBOARD_METRICS = (
     "process_resident_memory_bytes",
     "process_cpu_seconds_total",
 )
+# Each metric group an operator watches, and the series of which one must appear in a dashboard panel.
+METRIC_GROUPS = {
+    "ingest events by type and outcome": ("profilestream_events_total",),
+    "dead letters by reason": ("profilestream_dead_letters_total",),
+    "decode and validation latency": ("profilestream_decode_seconds_bucket",),
+    "consumer lag per partition": ("profilestream_kafka_consumer_lag",),
+    "committed-offset age": ("profilestream_kafka_committed_offset_age_seconds",),
+    "rebalances": ("profilestream_kafka_rebalances_total",),
+    "rebalance duration": ("profilestream_kafka_rebalance_seconds_bucket",),
+    "assigned partitions": ("profilestream_kafka_assigned_partitions",),
+    "state entries": ("profilestream_state_users",),
+    "state bytes": ("profilestream_state_bytes",),
+    "triggers by reason": ("profilestream_triggers_total",),
+    "pending regenerations": ("profilestream_regenerations_pending",),
+    "coalesced triggers": ("profilestream_coalesced_requests_total",),
+    "budget remaining": ("profilestream_llm_budget_tokens_day_remaining", "profilestream_llm_budget_requests_minute_remaining"),
+    "generation requests by outcome": ("profilestream_llm_requests_total", "profilestream_generations_total"),
+    "generation latency": ("profilestream_llm_request_seconds_bucket", "profilestream_generation_seconds_bucket"),
+    "generation tokens": ("profilestream_llm_prompt_tokens_total",),
+    "generation estimated cost": ("profilestream_llm_cost_usd_total",),
+    "generation retries": ("profilestream_llm_retries_total",),
+    "generation fallbacks": ("profilestream_llm_fallbacks_total",),
+    "circuit state": ("profilestream_llm_circuit_state",),
+    "Postgres write latency": ("profilestream_postgres_write_seconds_bucket",),
+    "Postgres write errors": ("profilestream_postgres_write_errors_total",),
+    "Postgres pool waits": ("profilestream_postgres_pool_acquire_waits_total", "profilestream_postgres_pool_acquire_seconds_bucket"),
+    "producer errors": ("profilestream_kafka_producer_errors_total",),
+    "profile versions published": ('profilestream_sink_writes_total{sink="topic", outcome="ok"',),
+}
 METRIC_NAME = re.compile(r"\b(?:profilestream|process|python)_\w+")
-# The series a metric family exports under each type, as suffixes of the family name.
+# The series of prometheus_client's default collectors, as suffixes of the family name.
 SERIES_SUFFIXES = {
     "counter": ("_total",),
     "gauge": ("",),
@@ -160,14 +191,13 @@ def cli_accepts(*argv: str) -> bool:
 
 
 def exported_series_names() -> set[str]:
-    """Return every series name the worker's registry can export, with type suffixes."""
-    import stream.metrics  # noqa: F401  (importing registers the collectors)
+    """Return every series name the worker can export: the catalogue's and prometheus_client's process and Python series."""
     from prometheus_client import REGISTRY
 
-    names = set()
+    names = {name for family in catalogue() for name in family.series_names}
     for family in REGISTRY.collect():
-        for suffix in SERIES_SUFFIXES[family.type]:
-            names.add(family.name + suffix)
+        if not family.name.startswith("profilestream_"):
+            names.update(family.name + suffix for suffix in SERIES_SUFFIXES[family.type])
     return names
 
 
@@ -541,6 +571,50 @@ def test_k8s_custom_resource_shape(kind: str) -> None:
     assert isinstance(document["spec"], dict)
 
 
+def test_k8s_scaled_object_targets_deployment() -> None:
+    scaled = k8s_document("ScaledObject")
+    target = scaled["spec"]["scaleTargetRef"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    assert target["name"] == k8s_document("Deployment")["metadata"]["name"]
+    assert target.get("kind", "Deployment") == "Deployment"
+    assert target.get("apiVersion", "apps/v1") == "apps/v1"
+
+
+def test_k8s_scaled_object_replica_bounds() -> None:
+    """Between 2 workers and the partition count, because a worker beyond it gets no partitions."""
+    spec = k8s_document("ScaledObject")["spec"]
+    partitions = int(k8s_document("ConfigMap")["data"][f"{ENV_PREFIX}PARTITIONS"])
+    assert spec["minReplicaCount"] == 2
+    assert spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
+
+
+def test_k8s_scaled_object_one_pod_steps() -> None:
+    behavior = k8s_document("ScaledObject")["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    for direction in ("scaleUp", "scaleDown"):
+        policies = behavior[direction]["policies"]
+        assert policies == [{"type": "Pods", "value": 1, "periodSeconds": policies[0]["periodSeconds"]}]
+        assert policies[0]["periodSeconds"] > 0
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= behavior["scaleUp"]["stabilizationWindowSeconds"]
+
+
+def test_k8s_scaled_object_lag_trigger() -> None:
+    [trigger] = k8s_document("ScaledObject")["spec"]["triggers"]
+    metadata = trigger["metadata"]
+    known = exported_series_names()
+    assert trigger["type"] == "prometheus"
+    assert "profilestream_kafka_consumer_lag" in metadata["query"]
+    assert set(METRIC_NAME.findall(metadata["query"])) <= known
+    assert metadata["query"].startswith("sum(")
+    # KEDA reads trigger metadata as strings.
+    assert isinstance(metadata["threshold"], str)
+    assert float(metadata["threshold"]) > 0
+    assert urlsplit(metadata["serverAddress"]).scheme in ("http", "https")
+
+
+def test_k8s_deployment_leaves_replicas_to_autoscaler() -> None:
+    assert "replicas" not in k8s_document("Deployment")["spec"]
+
+
 def test_k8s_kustomization_resources() -> None:
     kustomization = load_yaml(K8S_DIR / "kustomization.yaml")
     listed = set(kustomization["resources"])
@@ -588,24 +662,13 @@ def test_k8s_deployment_command() -> None:
     assert worker_container()["args"] == ["profilestream", "worker"]
 
 
-def test_k8s_replicas_within_partitions() -> None:
-    replicas = k8s_document("Deployment")["spec"]["replicas"]
-    partitions = int(k8s_document("ConfigMap")["data"][f"{ENV_PREFIX}PARTITIONS"])
-    assert replicas == 2
-    assert replicas <= partitions
-
-
-def test_k8s_liveness_probe_tcp() -> None:
+@pytest.mark.parametrize(("probe", "path"), [("startupProbe", "/healthz"), ("livenessProbe", "/healthz"),
+                                             ("readinessProbe", "/readyz")])
+def test_k8s_probe_endpoint(probe: str, path: str) -> None:
     container = worker_container()
-    probe = container["livenessProbe"]
-    assert container_port(container, probe["tcpSocket"]["port"]) == 6066
-
-
-def test_k8s_readiness_probe_metrics() -> None:
-    container = worker_container()
-    probe = container["readinessProbe"]["httpGet"]
-    assert probe["path"] == "/metrics"
-    assert container_port(container, probe["port"]) == 6066
+    request = container[probe]["httpGet"]
+    assert request["path"] == path
+    assert container_port(container, request["port"]) == 6066
 
 
 def test_k8s_container_port_matches_settings() -> None:
@@ -680,6 +743,20 @@ def test_dashboard_covers_worker_metrics() -> None:
         assert name in text, f"no dashboard panel shows {name}"
 
 
+@pytest.mark.parametrize("group", sorted(METRIC_GROUPS))
+def test_dashboard_covers_metric_group(group: str) -> None:
+    expressions = promql_expressions(DASHBOARD_FILE)
+    assert any(series in expression for expression in expressions for series in METRIC_GROUPS[group]), (
+        f"no dashboard panel queries {' or '.join(METRIC_GROUPS[group])} for {group}")
+
+
+def test_metric_groups_name_catalogued_series() -> None:
+    known = exported_series_names()
+    for group, selectors in METRIC_GROUPS.items():
+        for selector in selectors:
+            assert selector.split("{")[0] in known, f"{group}: {selector} is not a catalogued series"
+
+
 def test_dashboard_latency_quantiles() -> None:
     expressions = promql_expressions(DASHBOARD_FILE)
     for histogram in ("profilestream_generation_seconds_bucket", "profilestream_sink_write_seconds_bucket"):
@@ -690,7 +767,24 @@ def test_dashboard_datasource_provisioned() -> None:
     uid = load_yaml(DATASOURCE_FILE)["datasources"][0]["uid"]
     dashboard = json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
     for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            continue
         assert panel["datasource"]["uid"] == uid, f"panel {panel['title']!r} uses another datasource"
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == uid, f"panel {panel['title']!r} has a query on another datasource"
+
+
+def test_dashboard_panels_inside_grid() -> None:
+    """Grafana's grid is 24 columns wide, and panels must not overlap."""
+    cells = set()
+    for panel in json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))["panels"]:
+        position = panel["gridPos"]
+        assert position["x"] >= 0, f"panel {panel['title']!r} starts left of the grid"
+        assert position["x"] + position["w"] <= 24, f"panel {panel['title']!r} ends right of the grid"
+        covered = {(x, y) for x in range(position["x"], position["x"] + position["w"])
+                   for y in range(position["y"], position["y"] + position["h"])}
+        assert not covered & cells, f"panel {panel['title']!r} overlaps another panel"
+        cells |= covered
 
 
 def test_dashboard_panel_ids_unique() -> None:
@@ -705,6 +799,11 @@ def test_alerts_expected_names() -> None:
         "ProfilestreamDeadLettersHigh",
         "ProfilestreamGenerationFallbacksHigh",
         "ProfilestreamSinkRetries",
+        "ProfilestreamConsumerLagGrowing",
+        "ProfilestreamCommitsStalled",
+        "ProfilestreamLLMErrorRateHigh",
+        "ProfilestreamLLMCircuitOpen",
+        "ProfilestreamLLMBudgetNearlySpent",
     }
 
 
@@ -730,6 +829,27 @@ def run_promtool(*arguments: str) -> subprocess.CompletedProcess:
 def test_promtool_check_rules() -> None:
     result = run_promtool("check", "rules", str(ALERTS_FILE))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_prometheus_rule(tmp_path: Path) -> None:
+    rules = tmp_path / "prometheusrule-groups.yml"
+    rules.write_text(yaml.safe_dump({"groups": k8s_document("PrometheusRule")["spec"]["groups"]}), encoding="utf-8")
+    result = run_promtool("check", "rules", str(rules))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_alert_unit_tests() -> None:
+    """Run deploy/prometheus/alerts_test.yml, whose cases compare the rendered annotations too."""
+    result = run_promtool("test", "rules", str(ALERTS_TEST_FILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_unit_tests_name_known_alerts() -> None:
+    tests = load_yaml(ALERTS_TEST_FILE)
+    tested = {case["alertname"] for test in tests["tests"] for case in test["alert_rule_test"]}
+    assert tests["rule_files"] == [ALERTS_FILE.name]
+    assert tested <= set(alert_rules())
+    assert len(tested) >= 3
 
 
 def test_promtool_check_config() -> None:
@@ -778,6 +898,25 @@ ALERT_CASES = {
         "ProfilestreamSinkRetries",
         {'profilestream_sink_writes_total{sink="postgres", outcome="retry"}': "3x30"},
         "20m", []),
+    "llm_errors_fifth_fires": (
+        "ProfilestreamLLMErrorRateHigh",
+        {'profilestream_llm_requests_total{model="m", outcome="ok"}': "0+8x40",
+         'profilestream_llm_requests_total{model="m", outcome="server_error"}': "0+2x40"},
+        "30m", [{"severity": "warning", "model": "m"}]),
+    "llm_errors_twentieth_silent": (
+        "ProfilestreamLLMErrorRateHigh",
+        {'profilestream_llm_requests_total{model="m", outcome="ok"}': "0+19x40",
+         'profilestream_llm_requests_total{model="m", outcome="timeout"}': "0+1x40"},
+        "30m", []),
+    "lag_flat_silent": (
+        "ProfilestreamConsumerLagGrowing",
+        {'profilestream_kafka_consumer_lag{topic="posts", partition="0"}': "5000x40"},
+        "30m", []),
+    "commits_stalled_fires": (
+        "ProfilestreamCommitsStalled",
+        {'profilestream_kafka_committed_offset_age_seconds{topic="posts", partition="0"}': "0+60x30",
+         'profilestream_kafka_consumer_lag{topic="posts", partition="0"}': "50x30"},
+        "20m", [{"severity": "critical", "topic": "posts", "partition": "0"}]),
 }
 
 

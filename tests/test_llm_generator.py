@@ -867,6 +867,13 @@ async def test_budget_gauges_report_remaining(make_generator, telemetry, registr
     assert metric(registry, "profilestream_llm_budget_requests_minute_remaining") == 4
     assert metric(registry, "profilestream_llm_budget_tokens_minute_remaining") == budget.remaining().tokens_this_minute
     assert metric(registry, "profilestream_llm_budget_tokens_day_remaining") == float("inf")
+    assert metric(registry, "profilestream_llm_budget_tokens_day_limit") == float("inf")
+
+
+async def test_budget_day_limit_gauge(make_generator, telemetry, registry) -> None:
+    make_generator(budget=Budget(tokens_per_day=50_000), telemetry=telemetry)
+
+    assert metric(registry, "profilestream_llm_budget_tokens_day_limit") == 50_000
 
 
 async def test_usage_counters_match_stub(make_generator, llm_stub: LLMStub, telemetry, registry) -> None:  # noqa: F811

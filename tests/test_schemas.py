@@ -15,6 +15,8 @@ VALID = {
                 "post_author_id": "u2", "created_at": "2024-06-01T12:00:00+02:00", "action": "unlike"},
     "follow.v1": {"schema": "follow.v1", "event_id": "f1", "follower_id": "u1", "followee_id": "u2",
                   "created_at": "2024-06-01 12:00:00.5", "action": "follow"},
+    "user_deleted.v1": {"schema": "user_deleted.v1", "event_id": "d1", "user_id": "u1",
+                        "deleted_at": "2024-06-01T12:00:00Z"},
 }
 
 json_values = st.recursive(

@@ -29,6 +29,7 @@ def isolated_settings(kafka_bootstrap: str, postgres_dsn: str | None, tmp_path: 
         "topic_posts": f"posts-{suffix}",
         "topic_likes": f"likes-{suffix}",
         "topic_follows": f"follows-{suffix}",
+        "topic_users": f"users-{suffix}",
         "topic_profiles": f"profiles-{suffix}",
         "topic_dead_letter": f"dead-letter-{suffix}",
         "partitions": 2,

@@ -7,6 +7,8 @@ registry. Tests build an LLMTelemetry with their own CollectorRegistry.
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from .budget import Budget
@@ -53,22 +55,27 @@ class LLMTelemetry:
         )
         self.circuit_state = Gauge(
             "profilestream_llm_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-            ["model"], registry=registry,
+            ["model"], registry=registry, multiprocess_mode="livemax",
         )
         self.budget_requests_minute = Gauge(
             "profilestream_llm_budget_requests_minute_remaining",
             "Requests the client-side budget still allows in the current 60 s window; +Inf without a limit.",
-            ["model"], registry=registry,
+            ["model"], registry=registry, multiprocess_mode="liveall",
         )
         self.budget_tokens_minute = Gauge(
             "profilestream_llm_budget_tokens_minute_remaining",
             "Tokens the client-side budget still allows in the current 60 s window; +Inf without a limit.",
-            ["model"], registry=registry,
+            ["model"], registry=registry, multiprocess_mode="liveall",
         )
         self.budget_tokens_day = Gauge(
             "profilestream_llm_budget_tokens_day_remaining",
             "Tokens the client-side budget still allows today (UTC); +Inf without a limit.",
-            ["model"], registry=registry,
+            ["model"], registry=registry, multiprocess_mode="liveall",
+        )
+        self.budget_tokens_day_limit = Gauge(
+            "profilestream_llm_budget_tokens_day_limit",
+            "Tokens the client-side budget allows per day (UTC), PROFILESTREAM_LLM_TOKENS_PER_DAY; +Inf without a limit.",
+            ["model"], registry=registry, multiprocess_mode="liveall",
         )
 
     def record_call(self, model: str, outcome: str, seconds: float) -> None:
@@ -100,6 +107,7 @@ class LLMTelemetry:
         self.budget_requests_minute.labels(model).set_function(lambda: budget.remaining().requests_this_minute)
         self.budget_tokens_minute.labels(model).set_function(lambda: budget.remaining().tokens_this_minute)
         self.budget_tokens_day.labels(model).set_function(lambda: budget.remaining().tokens_today)
+        self.budget_tokens_day_limit.labels(model).set(math.inf if budget.tokens_per_day is None else budget.tokens_per_day)
 
 
 _default: LLMTelemetry | None = None

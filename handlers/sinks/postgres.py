@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl as ssl_module
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +23,9 @@ import asyncpg
 import orjson
 
 from handlers.errors import InvalidRecord, SinkUnavailable
+
+from . import postgres_metrics
+from .postgres_metrics import PostgresMetrics, default_postgres_metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,13 @@ SELECT profile FROM profiles_current
 ORDER BY (profile #>> '{activity,posts_total}')::bigint DESC NULLS LAST, user_id
 LIMIT $1
 """
+# The primary key (user_id, version) serves both the filter and the order.
+_SELECT_HISTORY_PAGE = """
+SELECT profile FROM profiles_history
+WHERE user_id = $1 AND ($2::bigint IS NULL OR version < $2::bigint)
+ORDER BY version DESC
+LIMIT $3
+"""
 
 # Errors that mean the server or the network failed, not the statement, so a later retry may pass.
 # OperatorInterventionError covers a server shutdown (57P01) and a canceled statement (57014).
@@ -90,6 +102,7 @@ _SERVER_ERRORS = (
 _CONNECTION_ERRORS = (OSError, *_SERVER_ERRORS)
 # 40P01 and 40001: Postgres rolled the transaction back, and running it again is safe.
 _RETRIABLE_TRANSACTION_ERRORS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
+_TRANSACTION_ERROR_KINDS = {"40P01": postgres_metrics.DEADLOCK, "40001": postgres_metrics.SERIALIZATION_FAILURE}
 
 _ACQUIRE_TIMEOUT_SETTING = "PROFILESTREAM_POSTGRES_ACQUIRE_TIMEOUT_S"
 _POOL_MAX_SETTING = "PROFILESTREAM_POSTGRES_POOL_MAX"
@@ -124,15 +137,16 @@ def describe_target(dsn: str) -> str:
     return f"{host}:{port}/{database}"
 
 
-async def migrate(dsn: str, *, timeout_s: float = 30.0) -> None:
+async def migrate(dsn: str, *, timeout_s: float = 30.0, ssl: ssl_module.SSLContext | str | None = None) -> None:
     """Bring the schema at `dsn` to the latest version in MIGRATIONS. Idempotent and safe to run concurrently.
 
-    Applied versions are recorded in `schema_migrations`. Raises SinkUnavailable when the
+    Applied versions are recorded in `schema_migrations`. `ssl` is asyncpg's argument (an
+    sslmode name or a context; None keeps the DSN's sslmode). Raises SinkUnavailable when the
     server cannot be reached.
     """
     target = describe_target(dsn)
     try:
-        connection = await asyncpg.connect(dsn, timeout=timeout_s)
+        connection = await asyncpg.connect(dsn, timeout=timeout_s, ssl=ssl)
     except (TimeoutError, *_CONNECTION_ERRORS) as exc:
         raise SinkUnavailable(
             f"cannot connect to Postgres at {target} to migrate the schema: {exc};"
@@ -228,12 +242,21 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     )
 
 
+def _is_broken(connection: asyncpg.Connection) -> bool:
+    """Tell whether a borrowed connection closed while in use."""
+    try:
+        return connection.is_closed()
+    except asyncpg.InterfaceError:
+        # A connection that closes returns itself to the pool, and then its proxy rejects every call.
+        return True
+
+
 class PostgresSink:
     """Store profiles in `profiles_current` and `profiles_history` through a bounded asyncpg pool.
 
     Call `start()` before use and `close()` after, or use `async with`. Run `migrate()` first.
     Failures of the server or the network raise SinkUnavailable (retriable), and a malformed
-    profile raises InvalidRecord.
+    profile raises InvalidRecord. `ssl` is asyncpg's TLS argument, as for `migrate()`.
     """
 
     name = "postgres"
@@ -247,12 +270,15 @@ class PostgresSink:
         command_timeout_s: float = 30.0,
         max_attempts: int = 5,
         retry_delay_s: float = 0.05,
+        metrics: PostgresMetrics | None = None,
+        ssl: ssl_module.SSLContext | str | None = None,
     ) -> None:
         if pool_max < 1:
             raise ValueError(f"pool_max must be at least 1, got {pool_max}")
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         self._dsn = dsn
+        self.ssl = ssl
         self.target = describe_target(dsn)
         self.pool_max = pool_max
         self.acquire_timeout_s = acquire_timeout_s
@@ -261,6 +287,9 @@ class PostgresSink:
         self.retry_delay_s = retry_delay_s
         self._pool: asyncpg.Pool | None = None
         self._retries = 0
+        self._metrics = metrics or default_postgres_metrics()
+        # Connection requests not yet released: borrowed, connecting or waiting for a free connection.
+        self._requested = 0
 
     @property
     def retries(self) -> int:
@@ -279,11 +308,13 @@ class PostgresSink:
                 command_timeout=self.command_timeout_s,
                 init=_init_connection,
                 timeout=self.acquire_timeout_s,
+                ssl=self.ssl,
             )
         except (TimeoutError, *_CONNECTION_ERRORS) as exc:
             raise SinkUnavailable(
                 f"cannot connect to Postgres at {self.target}: {exc};"
-                f" check that the server runs and that {_DSN_SETTING} points to it"
+                f" check that the server runs and that {_DSN_SETTING} points to it",
+                kind=postgres_metrics.CONNECTION_FAILED,
             ) from exc
         log.info("postgres_sink_started target=%s pool_max=%s", self.target, self.pool_max)
 
@@ -318,34 +349,69 @@ class PostgresSink:
         if self._pool is None:
             raise RuntimeError("PostgresSink is not started; await sink.start() first")
         pool = self._pool
+        # Only this sink borrows from the pool, so a request waits when pool_max requests are ahead of it.
+        if self._requested >= self.pool_max:
+            self._metrics.acquire_waits.inc()
+        self._requested += 1
         try:
-            connection = await pool.acquire(timeout=self.acquire_timeout_s)
-        except TimeoutError:
-            raise SinkUnavailable(
-                f"no connection to Postgres at {self.target} became free within {self.acquire_timeout_s} s;"
-                f" raise acquire_timeout_s ({_ACQUIRE_TIMEOUT_SETTING}) or pool_max={self.pool_max}"
-                f" ({_POOL_MAX_SETTING}), or look for long transactions"
-            ) from None
-        except _CONNECTION_ERRORS as exc:
-            raise SinkUnavailable(
-                f"cannot connect to Postgres at {self.target}: {exc};"
-                f" check that the server runs and that {_DSN_SETTING} points to it"
-            ) from exc
-        try:
-            yield connection
-        except TimeoutError as exc:
-            raise SinkUnavailable(
-                f"a statement on Postgres at {self.target} timed out after {self.command_timeout_s} s (command_timeout_s)"
-            ) from exc
-        except _SERVER_ERRORS as exc:
-            raise SinkUnavailable(f"the connection to Postgres at {self.target} failed: {exc}") from exc
-        except OSError as exc:
-            # An OSError of the caller's own code is not a sink failure, unless the socket broke.
-            if not connection.is_closed():
-                raise
-            raise SinkUnavailable(f"the connection to Postgres at {self.target} failed: {exc}") from exc
+            started = time.perf_counter()
+            try:
+                connection = await pool.acquire(timeout=self.acquire_timeout_s)
+            except TimeoutError:
+                self._metrics.acquire_timeouts.inc()
+                raise SinkUnavailable(
+                    f"no connection to Postgres at {self.target} became free within {self.acquire_timeout_s} s;"
+                    f" raise acquire_timeout_s ({_ACQUIRE_TIMEOUT_SETTING}) or pool_max={self.pool_max}"
+                    f" ({_POOL_MAX_SETTING}), or look for long transactions",
+                    kind=postgres_metrics.ACQUIRE_TIMEOUT,
+                ) from None
+            except _CONNECTION_ERRORS as exc:
+                raise SinkUnavailable(
+                    f"cannot connect to Postgres at {self.target}: {exc};"
+                    f" check that the server runs and that {_DSN_SETTING} points to it",
+                    kind=postgres_metrics.CONNECTION_FAILED,
+                ) from exc
+            self._metrics.acquire_seconds.observe(time.perf_counter() - started)
+            try:
+                yield connection
+            except TimeoutError as exc:
+                raise SinkUnavailable(
+                    f"a statement on Postgres at {self.target} timed out after {self.command_timeout_s} s"
+                    " (command_timeout_s)",
+                    kind=postgres_metrics.STATEMENT_TIMEOUT,
+                ) from exc
+            except _SERVER_ERRORS as exc:
+                raise SinkUnavailable(
+                    f"the connection to Postgres at {self.target} failed: {exc}", kind=postgres_metrics.CONNECTION_FAILED
+                ) from exc
+            except asyncpg.InternalClientError as exc:
+                # asyncpg 0.32 raises it when the server ends the session during a statement, for example
+                # "cannot switch to state 12; another operation (2) is in progress" on a fast shutdown.
+                raise SinkUnavailable(
+                    f"the connection to Postgres at {self.target} failed: {exc}", kind=postgres_metrics.CONNECTION_FAILED
+                ) from exc
+            except (OSError, asyncpg.InterfaceError) as exc:
+                # An OSError of the caller's own code or misuse of the connection is not a sink failure,
+                # unless the connection broke, as when a transaction ends on a closed connection.
+                if not _is_broken(connection):
+                    raise
+                raise SinkUnavailable(
+                    f"the connection to Postgres at {self.target} failed: {exc}", kind=postgres_metrics.CONNECTION_FAILED
+                ) from exc
+            finally:
+                await self._release(pool, connection)
         finally:
-            await pool.release(connection)
+            self._requested -= 1
+
+    async def _release(self, pool: asyncpg.Pool, connection: asyncpg.Connection) -> None:
+        """Return a connection to the pool without raising, so a failed reset never hides the block's outcome."""
+        try:
+            # Without a timeout, asyncpg would reuse acquire_timeout_s for the reset query.
+            await pool.release(connection, timeout=self.command_timeout_s)
+        except Exception as exc:  # noqa: BLE001
+            # asyncpg 0.32 terminates the connection on any failed reset, timeouts and
+            # InternalClientError included, and the pool opens a new one when needed.
+            log.warning("postgres_release_failed target=%s error=%r action=connection_closed", self.target, exc)
 
     async def write(self, profiles: Sequence[Mapping]) -> int:
         """Store a batch of profile.v1 documents in one transaction; return the number of current rows changed.
@@ -360,14 +426,22 @@ class PostgresSink:
             return 0
         rows = sorted((_to_row(profile) for profile in profiles), key=lambda row: (row.user_id, row.version))
         latest = _latest_per_user(rows)
+        started = time.perf_counter()
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return await self._write_once(rows, latest)
+                changed = await self._write_once(rows, latest)
+            except SinkUnavailable as exc:
+                self._metrics.write_errors.labels(exc.kind).inc()
+                raise
             except _RETRIABLE_TRANSACTION_ERRORS as exc:
+                kind = _TRANSACTION_ERROR_KINDS[exc.sqlstate]
+                self._metrics.write_errors.labels(kind).inc()
                 if attempt == self.max_attempts:
                     raise SinkUnavailable(
-                        f"writing {len(rows)} profiles to Postgres at {self.target} failed {attempt} times"
-                        f" with SQLSTATE {exc.sqlstate}; the batch can be retried"
+                        f"writing {len(rows)} profiles to Postgres at {self.target} failed {attempt} times in a row"
+                        f" with a {kind.replace('_', ' ')} (SQLSTATE {exc.sqlstate}), so concurrent transactions keep"
+                        " conflicting on these rows; retry the batch later and look for transactions that hold them long",
+                        kind=kind,
                     ) from exc
                 self._retries += 1
                 delay_s = self.retry_delay_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
@@ -376,6 +450,9 @@ class PostgresSink:
                     self.target, exc.sqlstate, attempt, self.max_attempts, delay_s, len(rows),
                 )
                 await asyncio.sleep(delay_s)
+                continue
+            self._metrics.write_seconds.observe(time.perf_counter() - started)
+            return changed
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _write_once(self, rows: Sequence[_Row], latest: Sequence[_Row]) -> int:
@@ -404,6 +481,14 @@ class PostgresSink:
             rows = await connection.fetch(
                 "SELECT profile FROM profiles_history WHERE user_id = $1 ORDER BY version", user_id
             )
+        return [row["profile"] for row in rows]
+
+    async def fetch_history_page(self, user_id: str, *, limit: int, before_version: int | None = None) -> list[dict]:
+        """Return up to `limit` versions of the user's profile, newest first, only versions below `before_version` if given."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        async with self.acquire() as connection:
+            rows = await connection.fetch(_SELECT_HISTORY_PAGE, user_id, before_version, limit)
         return [row["profile"] for row in rows]
 
     async def fetch_top(self, limit: int) -> list[dict]:
