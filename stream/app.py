@@ -23,7 +23,7 @@ from handlers.generation.service import ProfileGenerator
 from handlers.sinks.postgres import PostgresSink
 from handlers.sinks.topic import TopicSink
 
-from . import metrics
+from . import faust_acks, metrics
 from .generate import GenerationStage, GenerationRateLimit
 from .ingest import IngestStage
 from .kafka_security import faust_broker_credentials
@@ -42,6 +42,7 @@ POST_INDEX_TABLE = "post-index"
 
 def create_app(settings: Settings) -> faust.App:
     """Build the worker's Faust app from validated settings."""
+    faust_acks.install()
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
@@ -202,7 +203,9 @@ class _Resources:
         generator = ProfileGenerator(language=settings.profile_language, llm=llm, circuit=circuit,
                                      max_concurrent_calls=settings.llm_max_concurrent_calls)
         self._closers.append(generator.close)
-        sinks: list = []
+        # The topic first, Postgres last: a version stored in Postgres has reached the topic,
+        # so the generation stage can skip requests whose version Postgres already holds.
+        sinks: list = [TopicSink(self._send_profile)]
         if settings.postgres_dsn is not None:
             postgres = PostgresSink(
                 settings.postgres_dsn.get_secret_value(),
@@ -213,7 +216,6 @@ class _Resources:
             await postgres.start()
             self._closers.append(postgres.close)
             sinks.append(postgres)
-        sinks.append(TopicSink(self._send_profile))
         logger.info("generation.ready generator=%s sinks=%s", "llm" if llm else "rules", ",".join(sink.name for sink in sinks))
         return GenerationStage(generator, sinks, GenerationRateLimit(settings.generation_budget_per_minute),
                                concurrency=settings.generation_concurrency)

@@ -44,6 +44,7 @@ class GenerationRateLimit:
         self._clock = clock
         self._tokens = float(per_minute)
         self._updated = clock()
+        metrics.BUDGET_REMAINING.set(per_minute if per_minute > 0 else -1)
 
     def wait_s(self) -> float:
         """Take a token if one is free and return 0, else return the seconds until one is."""
@@ -54,7 +55,9 @@ class GenerationRateLimit:
         self._updated = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
+            metrics.BUDGET_REMAINING.set(int(self._tokens))
             return 0.0
+        metrics.BUDGET_REMAINING.set(0)
         return (1.0 - self._tokens) * 60.0 / self._per_minute
 
     async def acquire(self) -> None:
@@ -111,8 +114,29 @@ class GenerationStage:
                     continue
             latest[request["user_id"]] = request
         await asyncio.gather(*(self._erase(request) for request in erasures.values()))
+        await self._skip_stored(latest)
         profiles = await asyncio.gather(*(self._generate(request) for request in latest.values()))
         return [profile for profile in profiles if profile is not None]
+
+    async def _skip_stored(self, latest: dict[str, dict]) -> None:
+        """Drop requests whose version a sink already stored: a batch processed again after a crash.
+
+        Sinks are written in order and the one that reports stored versions (Postgres) is last,
+        so a stored version has reached every sink before it.
+        """
+        sink = next((sink for sink in self._sinks if hasattr(sink, "stored_versions")), None)
+        if sink is None or not latest:
+            return
+        try:
+            stored = await sink.stored_versions(sorted(latest))
+        except ProfilestreamError as error:
+            # Generating again is safe (writes are idempotent), only slower.
+            logger.warning("generation.stored_versions_unknown sink=%s error=%s", sink.name, error)
+            return
+        for user_id, version in stored.items():
+            if latest[user_id]["version"] <= version:
+                del latest[user_id]
+                metrics.GENERATIONS.labels("none", "already_stored").inc()
 
     @staticmethod
     def _add_erasure(request: dict, erasures: dict[str, dict], latest: dict[str, dict]) -> None:

@@ -44,6 +44,8 @@ class _Batch:
     # A value is a user's state, an erasure marker (handlers.erasure), or None for a new user.
     states: dict[str, dict | None] = field(default_factory=dict)
     changed: set[str] = field(default_factory=set)
+    # Users whose latest regeneration request this batch has sent again (see IngestStage._resend).
+    resent: set[str] = field(default_factory=set)
 
 
 class IngestStage:
@@ -116,6 +118,7 @@ class IngestStage:
         signals = extract_topics(event.text, event.hashtags, event.tags) if isinstance(event, PostEvent) else None
         result = self._update(state, event, signals)
         if not result.applied:
+            await self._resend(state, result, batch)
             return result.outcome
         erasure.note_own_event(state, at)
         batch.changed.add(event.user_id)
@@ -197,6 +200,8 @@ class IngestStage:
         if result.applied:
             batch.changed.add(user_id)
             await self._decide(state)
+        else:
+            await self._resend(state, result, batch)
         return result.outcome
 
     async def _decide(self, state: dict) -> None:
@@ -206,12 +211,31 @@ class IngestStage:
             return
         previous_topics = frozenset(state["profile"]["interests"])
         version = significance.take_snapshot(state)
+        state["profile"]["reasons"] = list(decision.reasons)
         for reason in decision.reasons:
             metrics.TRIGGERS.labels(reason).inc()
         request = features.build_request(state, version, decision.reasons, previous_topics)
         erasure.tag_request(request, state)
-        # NOTE: a crash after the state's changelog record landed but before this request did
-        # loses the request, because reprocessing then finds only duplicates and decides nothing.
+        await self._emitter.regenerate(state["user_id"], request)
+
+    async def _resend(self, state: dict, result: user_state.ApplyResult, batch: _Batch) -> None:
+        """Send the user's latest regeneration request again when a duplicate shows a replay.
+
+        A crash after the state's changelog record landed but before the regeneration request
+        did would lose that request: reprocessing finds only duplicates and decides nothing.
+        So the first duplicate of a user in a batch sends the request of the state's current
+        version again, rebuilt from the state. The generation stage skips versions a sink
+        already stored, so a request that did arrive costs no second generation.
+        """
+        version = state["profile"]["version"]
+        if result.outcome != user_state.DUPLICATE.outcome or version == 0 or state["user_id"] in batch.resent:
+            return
+        batch.resent.add(state["user_id"])
+        reasons = tuple(state["profile"].get("reasons") or ("replayed",))
+        request = features.build_request(state, version, reasons, frozenset(state["profile"]["interests"]))
+        request["replayed"] = True
+        erasure.tag_request(request, state)
+        metrics.REQUESTS_RESENT.inc()
         await self._emitter.regenerate(state["user_id"], request)
 
 

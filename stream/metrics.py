@@ -23,6 +23,14 @@ GENERATION_SECONDS = Histogram(
 SINK_WRITES = Counter(
     "profilestream_sink_writes", "Profile writes by sink and outcome.", ["sink", "outcome"]
 )
+REQUESTS_RESENT = Counter(
+    "profilestream_regenerations_resent",
+    "Regeneration requests sent again because a duplicate record showed that a batch was being reprocessed.",
+)
+ACKS_RESTORED = Counter(
+    "profilestream_consumer_acks_restored",
+    "Input offsets whose lost Faust acknowledgement was restored so the partition's commits could advance (stream/faust_acks.py).",
+)
 ERASURES = Counter(
     "profilestream_erasures", "User erasures carried out in a sink (rows deleted, tombstone sent), by sink and outcome.", ["sink", "outcome"]
 )
@@ -57,6 +65,11 @@ POST_INDEX = Counter(
 )
 COALESCED = Counter(
     "profilestream_coalesced_requests", "Regeneration requests skipped because a newer one for the user was in the same batch."
+)
+BUDGET_REMAINING = Gauge(
+    "profilestream_generation_budget_remaining",
+    "Generations this worker may start now under PROFILESTREAM_GENERATION_BUDGET_PER_MINUTE (the token bucket's whole tokens); -1 when no budget is set.",
+    multiprocess_mode="livesum",
 )
 BUDGET_WAITS = Counter(
     "profilestream_budget_waits", "Times the generation stage waited for the global generations-per-minute budget."

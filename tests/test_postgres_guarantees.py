@@ -75,6 +75,22 @@ WAITS = "profilestream_postgres_pool_acquire_waits_total"
 WRITE_ERRORS = "profilestream_postgres_write_errors_total"
 
 
+@contextlib.asynccontextmanager
+async def opened_patiently(sink: PostgresSink) -> AsyncIterator[PostgresSink]:
+    """Start `sink`, retrying because its first connection can take longer than a short acquire_timeout_s."""
+    async with asyncio.timeout(HANG_GUARD_S):
+        while True:
+            try:
+                await sink.start()
+                break
+            except SinkUnavailable:
+                await asyncio.sleep(0.01)
+    try:
+        yield sink
+    finally:
+        await sink.close()
+
+
 async def acquire_patiently(sink: PostgresSink, stack: contextlib.AsyncExitStack) -> None:
     """Borrow a connection into `stack`, retrying because connecting can take longer than a short acquire_timeout_s."""
     while True:
@@ -92,11 +108,13 @@ async def test_burst_on_small_pool_ends(fresh_database: str) -> None:
     profiles = [make_profile(f"user-{n % BURST_USERS}", version) for n, version in enumerate(versions)]
     failures: list[SinkUnavailable] = []
 
-    async with PostgresSink(
-        fresh_database,
-        pool_max=BURST_POOL_MAX,
-        acquire_timeout_s=BURST_ACQUIRE_TIMEOUT_S,
-        metrics=PostgresMetrics(registry),
+    async with opened_patiently(
+        PostgresSink(
+            fresh_database,
+            pool_max=BURST_POOL_MAX,
+            acquire_timeout_s=BURST_ACQUIRE_TIMEOUT_S,
+            metrics=PostgresMetrics(registry),
+        )
     ) as sink:
 
         async def write_until_stored(profile: dict) -> None:
@@ -134,7 +152,7 @@ async def test_burst_on_small_pool_ends(fresh_database: str) -> None:
 
 
 async def test_acquire_timeout_message_names_settings(fresh_database: str) -> None:
-    async with PostgresSink(fresh_database, pool_max=1, acquire_timeout_s=0.05, metrics=PostgresMetrics(CollectorRegistry())) as sink:
+    async with PostgresSink(fresh_database, pool_max=1, acquire_timeout_s=0.5, metrics=PostgresMetrics(CollectorRegistry())) as sink:
         async with sink.acquire():
             with pytest.raises(SinkUnavailable) as raised:
                 await sink.write([make_profile("u1", 1)])
@@ -146,7 +164,7 @@ async def test_acquire_timeout_message_names_settings(fresh_database: str) -> No
 
 async def test_metric_labels_never_name_users(fresh_database: str) -> None:
     registry = CollectorRegistry()
-    async with PostgresSink(fresh_database, pool_max=1, acquire_timeout_s=0.05, metrics=PostgresMetrics(registry)) as sink:
+    async with PostgresSink(fresh_database, pool_max=1, acquire_timeout_s=0.5, metrics=PostgresMetrics(registry)) as sink:
         await sink.write([make_profile("user-secret-id", 1)])
         async with sink.acquire():
             with pytest.raises(SinkUnavailable):

@@ -20,12 +20,6 @@ from tests.worker_harness import WorkerProcess, isolated_settings
 
 CATCH_UP_TIMEOUT_S = 120
 
-# NOTE: in about half of the runs on faust-streaming 0.15.3, the restarted worker processes a
-# few seconds of records and then stops consuming one input partition with no error logged.
-# The watchdog then reports `watchdog.stalled`. The cause is not found yet, so the restart
-# tests may fail without failing the suite. A pass still checks every assertion below.
-pytestmark = pytest.mark.xfail(reason="restarted Faust worker can stall on one partition", strict=False)
-
 
 def write_lines(path, lines: list[bytes]) -> None:
     path.write_bytes(b"".join(line + b"\n" for line in lines))

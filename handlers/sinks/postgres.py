@@ -470,6 +470,17 @@ class PostgresSink:
                 await connection.execute("DELETE FROM profiles_history WHERE user_id = $1", user_id)
                 await connection.execute("DELETE FROM profiles_current WHERE user_id = $1", user_id)
 
+    async def stored_versions(self, user_ids: Sequence[str]) -> dict[str, int]:
+        """Return the current stored version of each of `user_ids` that has a profile."""
+        try:
+            async with self.acquire() as connection:
+                rows = await connection.fetch(
+                    "SELECT user_id, version FROM profiles_current WHERE user_id = ANY($1::text[])", list(user_ids)
+                )
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise SinkUnavailable(f"could not read stored versions from Postgres: {exc!r}") from exc
+        return {row["user_id"]: row["version"] for row in rows}
+
     async def fetch_current(self, user_id: str) -> dict | None:
         """Return the user's current profile, or None if none is stored."""
         async with self.acquire() as connection:
