@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 5.0
 REQUEST_TIMEOUT_S = 10.0
+# Exit code of a worker the watchdog stops, distinct from Python's 1 for an uncaught error.
+WATCHDOG_EXIT_CODE = 3
 
 
 def input_partitions(assigned: Iterable[tuple[str, int]], topics: Iterable[str]) -> frozenset[TopicPartition]:
@@ -115,6 +118,7 @@ class ConsumerMonitor(Service):
         self._admin: AIOKafkaAdminClient | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reported: set[TopicPartition] = set()
+        self._stalled_since: float | None = None
 
     async def on_stop(self) -> None:
         await self._close_clients()
@@ -145,6 +149,28 @@ class ConsumerMonitor(Service):
             self.watchdog.reset()
             self.status.stalled_partitions = frozenset()
         self._report(offsets)
+        self._exit_if_stalled_too_long()
+
+    def _exit_if_stalled_too_long(self) -> None:
+        """Exit the process when partitions stayed stalled for PROFILESTREAM_WATCHDOG_EXIT_AFTER_S.
+
+        A stalled consumer may not finish a graceful shutdown, so the process exits at once
+        with code 3 and commits nothing; its supervisor restarts it, and the new worker
+        resumes from the last commit.
+        """
+        exit_after_s = self.settings.watchdog_exit_after_s
+        if not self.status.stalled_partitions:
+            self._stalled_since = None
+            return
+        now = time.monotonic()
+        if self._stalled_since is None:
+            self._stalled_since = now
+        if exit_after_s > 0 and now - self._stalled_since >= exit_after_s:
+            stalled = ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(self.status.stalled_partitions))
+            logger.critical("watchdog.exiting code=%d stalled_for_s=%.0f partitions=%s",
+                            WATCHDOG_EXIT_CODE, now - self._stalled_since, stalled)
+            logging.shutdown()
+            os._exit(WATCHDOG_EXIT_CODE)
 
     async def _fetch(self, partitions: list[TopicPartition]) -> dict[TopicPartition, PartitionOffsets]:
         admin, consumer = await self._clients()

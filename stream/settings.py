@@ -78,6 +78,7 @@ class Settings(BaseSettings):
     drift_hysteresis: float = Field(0.05, ge=0, lt=1, description="Drift margin below PROFILESTREAM_INTEREST_DRIFT that keeps an armed trigger armed.")
 
     watchdog_stall_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False, description="Seconds an input partition with lag may go without its committed offset advancing before /readyz reports the consumer stalled.")
+    watchdog_exit_after_s: float = Field(0.0, ge=0, le=86400, allow_inf_nan=False, description="Seconds a stall reported by the watchdog may last before the worker exits with code 3 for its supervisor to restart it; 0 never exits.")
     log_format: Literal["console", "json"] = Field("console", description="Log line format: console (readable key=value lines) or json (one JSON object per line).")
     log_repeats_per_minute: int = Field(10, ge=1, le=100_000, description="Identical log messages (same logger and message template) written per minute; later repeats are dropped and counted in the next line's suppressed field.")
 

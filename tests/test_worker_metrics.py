@@ -78,3 +78,59 @@ async def test_pending_regenerations_sum_regenerate_lag(monkeypatch: pytest.Monk
     await monitor.poll()
     assert sample_value("profilestream_regenerations_pending") == 15 + 7
     assert REGISTRY.get_sample_value("profilestream_kafka_consumer_lag", {"topic": "pending-posts", "partition": "0"}) == 1000
+
+
+class _Exited(Exception):
+    pass
+
+
+def _stalled_monitor(monkeypatch: pytest.MonkeyPatch, exit_after_s: float) -> tuple[ConsumerMonitor, list[int], list[float]]:
+    from stream import kafka_metrics
+
+    settings = load_settings(app_id="watchdog-exit-test", watchdog_exit_after_s=exit_after_s)
+    partition = TopicPartition(settings.topic_posts, 0)
+    status = WorkerStatus(assigned_partitions=frozenset({partition}), recovered=True,
+                          stalled_partitions=frozenset({partition}))
+    monitor = ConsumerMonitor(settings, status, Watchdog(60.0))
+    codes: list[int] = []
+    now = [1000.0]
+
+    def fake_exit(code: int) -> None:
+        codes.append(code)
+        raise _Exited
+
+    monkeypatch.setattr(kafka_metrics.os, "_exit", fake_exit)
+    monkeypatch.setattr(kafka_metrics.time, "monotonic", lambda: now[0])
+    return monitor, codes, now
+
+
+def test_watchdog_exits_after_stall_lasts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor, codes, now = _stalled_monitor(monkeypatch, exit_after_s=30.0)
+    monitor._exit_if_stalled_too_long()
+    now[0] += 29.0
+    monitor._exit_if_stalled_too_long()
+    assert codes == []
+    now[0] += 1.0
+    with pytest.raises(_Exited):
+        monitor._exit_if_stalled_too_long()
+    assert codes == [3]
+
+
+def test_watchdog_exit_disabled_by_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor, codes, now = _stalled_monitor(monkeypatch, exit_after_s=0.0)
+    monitor._exit_if_stalled_too_long()
+    now[0] += 86400.0
+    monitor._exit_if_stalled_too_long()
+    assert codes == []
+
+
+def test_watchdog_stall_clock_resets_when_cleared(monkeypatch: pytest.MonkeyPatch) -> None:
+    monitor, codes, now = _stalled_monitor(monkeypatch, exit_after_s=30.0)
+    monitor._exit_if_stalled_too_long()
+    now[0] += 20.0
+    monitor.status.stalled_partitions = frozenset()
+    monitor._exit_if_stalled_too_long()
+    monitor.status.stalled_partitions = frozenset(monitor.status.assigned_partitions)
+    now[0] += 20.0
+    monitor._exit_if_stalled_too_long()
+    assert codes == []

@@ -227,6 +227,8 @@ class KafkaBroker:
         """
         if self._process is not None:
             raise ServiceError(f"the Kafka broker is already running at {self.bootstrap_servers}; call stop() first")
+        if self._work_dir is not None:
+            raise ServiceError("the Kafka broker was stopped with stop_server(); call start_server() or stop() first")
         lib_dir = ensure_kafka_jars(self.cache_dir)
         java = _require_executable("java", "install a Java 17 or newer runtime (on Debian: apt-get install openjdk-17-jre-headless)")
         started = time.monotonic()
@@ -235,13 +237,7 @@ class KafkaBroker:
             self._port, controller_port = free_ports(2)
             self._write_config(controller_port)
             self._format_storage(java, lib_dir)
-            self._process = spawn(
-                [java, *self._jvm_arguments(lib_dir), "kafka.Kafka", self._work_dir / "server.properties"],
-                log_path=self._work_dir / "broker.log",
-                cwd=self._work_dir,
-                # The data is thrown away, so an orphaned broker needs no graceful shutdown.
-                death_signal=signal.SIGKILL,
-            )
+            self._spawn(java, lib_dir)
             self._wait_until_ready(started)
         except BaseException:
             self.stop()
@@ -263,6 +259,42 @@ class KafkaBroker:
             self._work_dir = None
         self._port = None
 
+    def stop_server(self) -> None:
+        """Stop the broker's JVM (SIGTERM, SIGKILL after stop_timeout_s) but keep its folder and ports.
+
+        For outage tests: `start_server()` brings the same broker back with its topics, offsets
+        and cluster id, at the same bootstrap address.
+        """
+        if self._process is None:
+            raise ServiceError("the Kafka broker is not running; call start() or start_server() first")
+        stop_process(self._process, stop_signal=signal.SIGTERM, timeout_s=self.stop_timeout_s, name="kafka")
+        log.info("kafka_server_stopped port=%s pid=%s work_dir=%s", self._port, self._process.pid, self._work_dir)
+        self._process = None
+
+    def start_server(self) -> KafkaBroker:
+        """Start the broker that `stop_server()` stopped, with the same configuration and data.
+
+        Raises ServiceError when the broker runs already, when it was never started or was
+        deleted by `stop()`, or when it does not serve metadata within start_timeout_s
+        (another process may have taken one of its ports in the meantime).
+        """
+        if self._process is not None:
+            raise ServiceError(f"the Kafka broker is already running at {self.bootstrap_servers}")
+        if self._work_dir is None or self._port is None:
+            raise ServiceError("the Kafka broker has no data directory; call start() to create one")
+        lib_dir = ensure_kafka_jars(self.cache_dir)
+        java = _require_executable("java", "install a Java 17 or newer runtime (on Debian: apt-get install openjdk-17-jre-headless)")
+        started = time.monotonic()
+        try:
+            self._spawn(java, lib_dir)
+            self._wait_until_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("kafka_server_started bootstrap=%s pid=%s seconds=%.1f", self.bootstrap_servers, self.pid,
+                 time.monotonic() - started)
+        return self
+
     def __enter__(self) -> KafkaBroker:
         return self.start()
 
@@ -270,6 +302,16 @@ class KafkaBroker:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+    def _spawn(self, java: str, lib_dir: Path) -> None:
+        assert self._work_dir is not None
+        self._process = spawn(
+            [java, *self._jvm_arguments(lib_dir), "kafka.Kafka", self._work_dir / "server.properties"],
+            log_path=self._work_dir / "broker.log",
+            cwd=self._work_dir,
+            # The data is thrown away, so an orphaned broker needs no graceful shutdown.
+            death_signal=signal.SIGKILL,
+        )
 
     def _properties(self, controller_port: int) -> dict[str, str]:
         assert self._work_dir is not None

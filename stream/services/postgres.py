@@ -142,6 +142,8 @@ class PostgresCluster:
         """Create the cluster, start the server and create the database; raise ServiceError on failure."""
         if self._process is not None:
             raise ServiceError(f"the Postgres cluster is already running on port {self._port}; call stop() first")
+        if self._work_dir is not None:
+            raise ServiceError("the Postgres server was stopped with stop_server(); call start_server() or stop() first")
         started = time.monotonic()
         bin_dir = find_server_binaries()
         account = server_account()
@@ -173,6 +175,38 @@ class PostgresCluster:
             shutil.rmtree(self._work_dir, ignore_errors=True)
             self._work_dir = None
         self._port = None
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown) but keep its folder and port, so `start_server()` can bring it back.
+
+        For outage tests: clients see the server go away and later return at the same address with the same data.
+        """
+        if self._process is None:
+            raise ServiceError("the Postgres server is not running; call start() or start_server() first")
+        stop_process(self._process, stop_signal=signal.SIGINT, timeout_s=self.stop_timeout_s, name="postgres")
+        log.info("postgres_server_stopped port=%s pid=%s work_dir=%s", self._port, self._process.pid, self._work_dir)
+        self._process = None
+
+    def start_server(self) -> PostgresCluster:
+        """Start the server that `stop_server()` stopped, on the same port and data directory.
+
+        Raises ServiceError when the server runs already, when the cluster was never started or
+        was deleted by `stop()`, or when the server does not come up (another process may have
+        taken the port in the meantime).
+        """
+        if self._process is not None:
+            raise ServiceError(f"the Postgres server is already running on port {self._port}")
+        if self._work_dir is None:
+            raise ServiceError("the Postgres cluster has no data directory; call start() to create one")
+        started = time.monotonic()
+        try:
+            self._start_server(find_server_binaries(), server_account())
+            self._wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("postgres_server_started port=%s pid=%s seconds=%.1f", self._port, self.pid, time.monotonic() - started)
+        return self
 
     def __enter__(self) -> PostgresCluster:
         return self.start()
