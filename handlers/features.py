@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from .state import recent_interests, top_interests, window_counts
+from .state import recent_interests, signal_counts, top_interests, window_counts
 
 PROFILE_TOPICS = 10
 ACTIVE_HOURS = 3
 # A topic enters a profile only with at least this many distinct supporting events, so
 # every interest a profile states is backed by more than one event of the user.
 MIN_INTEREST_EVIDENCE = 2
+# Admission: a topic enters a profile after this many explicit signals (tags and hashtags of
+# the user's posts) or this many implicit ones (keywords, topics of liked posts). The counts
+# never go down while the topic keeps its entry in the state, so an admitted topic stays
+# admitted. Mixed counts (1 explicit and 2 implicit) do not admit a topic.
+ADMIT_EXPLICIT_SIGNALS = 2
+ADMIT_IMPLICIT_SIGNALS = 3
+# Drop threshold: a topic of the previous profile keeps its place while its weight stays
+# above this share of the weight at the cut-off.
 KEEP_TOPIC_FACTOR = 0.8
 RECENT_TOPICS = 5
 
@@ -28,9 +36,10 @@ def isoformat(epoch_s: float | None) -> str | None:
 def build_request(state: dict, version: int, reasons: tuple[str, ...], previous_topics: frozenset[str] = frozenset()) -> dict:
     """Build the generation request for `version` of the user's profile.
 
-    `previous_topics` are the topics of the user's last profile. One of them keeps its place
-    while its weight stays above KEEP_TOPIC_FACTOR times the weight at the cut-off, so a
-    topic near the cut-off does not drop out of one version and back into the next.
+    Only admitted topics are listed (see `is_admitted`). `previous_topics` are the topics of
+    the user's last profile (`profiled_topics`). One of them keeps its place while its weight
+    stays above KEEP_TOPIC_FACTOR times the weight at the cut-off, so a topic near the cut-off
+    does not drop out of one version and back into the next.
     """
     top = _profile_topics(state, previous_topics)
     heaviest = top[0][1] if top else 1.0
@@ -67,9 +76,33 @@ def build_request(state: dict, version: int, reasons: tuple[str, ...], previous_
     }
 
 
+def is_admitted(entry: list) -> bool:
+    """Return whether an interest entry of the state has enough signals to enter a profile."""
+    explicit, implicit = signal_counts(entry)
+    return explicit >= ADMIT_EXPLICIT_SIGNALS or implicit >= ADMIT_IMPLICIT_SIGNALS
+
+
+def profiled_topics(state: dict) -> frozenset[str]:
+    """Return the topics of the user's last profile request.
+
+    States written before the profile snapshot stored its topics fall back to the snapshot's
+    interest vector (the ten heaviest topics then, admitted or not).
+    """
+    profile = state["profile"]
+    topics = profile.get("topics")
+    return frozenset(profile["interests"] if topics is None else topics)
+
+
+def remember_topics(state: dict, request: dict) -> None:
+    """Store the topics of `request` in the profile snapshot, for the next request's drop threshold."""
+    state["profile"]["topics"] = [interest["topic"] for interest in request["interests"]]
+
+
 def _profile_topics(state: dict, previous_topics: frozenset[str]) -> list[tuple[str, float, list[str]]]:
     ranked = top_interests(state, len(state["interests"]))
-    candidates = [entry for entry in ranked if len(set(entry[2])) >= MIN_INTEREST_EVIDENCE]
+    interests = state["interests"]
+    candidates = [entry for entry in ranked
+                  if is_admitted(interests[entry[0]]) and len(set(entry[2])) >= MIN_INTEREST_EVIDENCE]
     if len(candidates) <= PROFILE_TOPICS or not previous_topics:
         return candidates[:PROFILE_TOPICS]
     cutoff = candidates[PROFILE_TOPICS - 1][1]

@@ -4,6 +4,12 @@ Every update is a pure function of (state, event): no clock, no I/O. The state i
 windows keep `WINDOW_HOURS` hourly buckets, interests keep the top `MAX_TOPICS`, the
 dedup set keeps `MAX_SEEN_EVENTS` ids, and recent posts keep `MAX_RECENT_POSTS`.
 
+An interest entry is the list [weight, signals, evidence, short-scale weight, explicit
+signals, implicit signals]. A signal is one event that carried the topic: explicit for a tag
+or hashtag of the user's own post, implicit for a keyword of the post's text or a topic of a
+post the user liked. States written before the last two counters existed have 4-item entries;
+`signal_counts` derives their counts from the evidence.
+
 Ordering rules:
 - interest weights decay exponentially in event time against a reference time that only
   moves forward, so applying the same events in any order gives the same weights (up to
@@ -79,7 +85,7 @@ def new_state(user_id: str) -> dict[str, Any]:
         "recent_posts": [],
         "seen": {},
         "seen_floor": None,
-        "profile": {"version": 0, "at": None, "events_applied": 0, "interests": {}, "totals": {}, "followers": 0},
+        "profile": {"version": 0, "at": None, "events_applied": 0, "interests": {}, "topics": [], "totals": {}, "followers": 0},
     }
 
 
@@ -97,7 +103,7 @@ def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HA
     if signals is None:
         signals = extract_topics(event.text, event.hashtags, event.tags)
     for signal in signals:
-        _add_interest(state, signal.topic, signal.weight, at, event.event_id, half_life_s)
+        _add_interest(state, signal.topic, signal.weight, at, event.event_id, half_life_s, explicit=signal.explicit)
     if event.lang:
         _add_language(state, event.lang.split("-")[0].lower())
     _remember_post(state, event, at)
@@ -146,13 +152,13 @@ def apply_liked_topics(state: dict, like_event_id: str, at: float, topics: list[
     """Feed the topics of a post the user liked into the user's interests.
 
     Each topic counts `LIKED_TOPIC_FACTOR` times its weight in the post, with the like as the
-    evidence. An unlike removes no interest: the earlier like still showed the interest.
+    evidence and as one implicit signal. An unlike removes no interest: the earlier like still showed the interest.
     """
     result = _admit(state, f"liked_topics:{like_event_id}", at)
     if not result.applied:
         return result
     for topic, weight in topics:
-        _add_interest(state, topic, weight * LIKED_TOPIC_FACTOR, at, like_event_id, half_life_s)
+        _add_interest(state, topic, weight * LIKED_TOPIC_FACTOR, at, like_event_id, half_life_s, explicit=False)
     return result
 
 
@@ -167,6 +173,24 @@ def window_counts(state: dict, hours: int) -> dict[str, int]:
             for index, value in enumerate(bucket):
                 sums[index] += value
     return dict(zip(COUNTERS, sums))
+
+
+def outside_window(state: dict, at: float) -> bool:
+    """Return whether an event stamped `at` falls before the hourly windows of the user's latest event."""
+    last_seen = state["last_seen"]
+    return last_seen is not None and int(last_seen // 3600) - int(at // 3600) >= WINDOW_HOURS
+
+
+def signal_counts(entry: list) -> tuple[int, int]:
+    """Return the (explicit, implicit) signal counts of an interest entry.
+
+    A 4-item entry from an older state has no counters, so each distinct evidence event
+    counts as one implicit signal: a conservative reading, because an implicit signal admits
+    a topic more slowly than an explicit one.
+    """
+    if len(entry) >= 6:
+        return entry[4], entry[5]
+    return 0, len({event_id for _, event_id in entry[2]})
 
 
 def interest_weights(state: dict, at: float | None = None) -> dict[str, float]:
@@ -222,7 +246,7 @@ def _count(state: dict, at: float, counter: str, step: int = 1) -> None:
     index = COUNTERS.index(counter)
     state["totals"][counter] += step
     hour = int(at // 3600)
-    if int(state["last_seen"] // 3600) - hour < WINDOW_HOURS:
+    if not outside_window(state, at):
         bucket = state["hours"].setdefault(str(hour), [0] * len(COUNTERS))
         bucket[index] += step
     if counter in ("posts", "likes_given") and step > 0:
@@ -235,7 +259,8 @@ def _expire_hours(state: dict) -> None:
         del state["hours"][hour]
 
 
-def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: str, half_life_s: float) -> None:
+def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: str, half_life_s: float,
+                  *, explicit: bool) -> None:
     interests = state["interests"]
     ref = state["interest_ref"]
     if ref is None:
@@ -248,10 +273,13 @@ def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: s
             entry[3] *= short_decay
         ref = state["interest_ref"] = at
     state["half_life_s"] = half_life_s
-    entry = interests.setdefault(topic, [0.0, 0, [], 0.0])
+    entry = interests.setdefault(topic, [0.0, 0, [], 0.0, 0, 0])
+    if len(entry) < 6:
+        entry[4:] = signal_counts(entry)
     entry[0] += weight * math.pow(2.0, (at - ref) / half_life_s)
     entry[3] += weight * math.pow(2.0, (at - ref) / SHORT_HALF_LIFE_S)
     entry[1] += 1
+    entry[4 if explicit else 5] += 1
     # Evidence keeps the latest events by event time, so arrival order does not matter.
     evidence = entry[2]
     evidence.append([at, event_id])

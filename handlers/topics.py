@@ -46,6 +46,8 @@ _HAN_STOP_WORDS = frozenset("的 了 是 在 我 有 和 就 不 人 都 一 一
 class TopicSignal:
     topic: str
     weight: float
+    # True for the author's own labels (tags, hashtags), False for keywords of the text.
+    explicit: bool = False
 
 
 def normalize_topic(label: str) -> str:
@@ -56,14 +58,14 @@ def normalize_topic(label: str) -> str:
 
 def extract_topics(text: str, hashtags: tuple[str, ...] = (), tags: tuple[str, ...] = ()) -> list[TopicSignal]:
     """Return the post's topics, explicit labels first, each topic once."""
-    signals: dict[str, float] = {}
+    signals: dict[str, TopicSignal] = {}
     for label in (*tags, *hashtags):
         topic = normalize_topic(label)
         if topic:
-            signals[topic] = EXPLICIT_WEIGHT
+            signals[topic] = TopicSignal(topic, EXPLICIT_WEIGHT, explicit=True)
     for keyword in extract_keywords(text):
-        signals.setdefault(keyword, IMPLICIT_WEIGHT)
-    return [TopicSignal(topic, weight) for topic, weight in signals.items()]
+        signals.setdefault(keyword, TopicSignal(keyword, IMPLICIT_WEIGHT))
+    return list(signals.values())
 
 
 def extract_keywords(text: str, limit: int = MAX_KEYWORDS_PER_POST) -> list[str]:

@@ -29,6 +29,7 @@ from .ingest import IngestStage
 from .kafka_security import faust_broker_credentials
 from .postgres_tls import postgres_ssl
 from .post_index import PostIndexStage
+from .postgres_startup import retry_until_available
 from .producer_metrics import ProducerErrorSensor
 from .records import Record, dead_letter_headers
 from .settings import Settings
@@ -57,6 +58,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.kafka_session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
         consumer_auto_offset_reset="earliest",
+        processing_guarantee=settings.processing_guarantee,
         table_cleanup_interval=timedelta(minutes=1).total_seconds(),
     )
     app.sensors.add(ProducerErrorSensor())
@@ -79,7 +81,7 @@ def create_app(settings: Settings) -> faust.App:
 
     emitter = _FaustEmitter(audience_topic, regenerate_topic, dead_letter_topic, post_index_topic)
     ingest = IngestStage(settings, _StrKeyedTable(table), emitter)
-    post_index = PostIndexStage(_StrKeyedTable(post_index_table), emitter)
+    post_index = PostIndexStage(_StrKeyedTable(post_index_table), emitter, retention_s=settings.post_index_retention_s)
     resources = _Resources(settings, profile_topic)
 
     @app.agent(ingest_channel, name="ingest")
@@ -213,7 +215,8 @@ class _Resources:
                 acquire_timeout_s=settings.postgres_acquire_timeout_s,
                 ssl=postgres_ssl(settings),
             )
-            await postgres.start()
+            # Postgres can go away again after the start-up migration. The generate agent then waits here while ingest runs on.
+            await retry_until_available(postgres.start, action="open_sink_pool", target=postgres.target)
             self._closers.append(postgres.close)
             sinks.append(postgres)
         logger.info("generation.ready generator=%s sinks=%s", "llm" if llm else "rules", ",".join(sink.name for sink in sinks))

@@ -14,7 +14,7 @@ from faust.exceptions import ProducerSendError
 from handlers import erasure
 from handlers.errors import ProfilestreamError, ProfileTooLarge
 
-from . import metrics
+from . import faults, metrics
 from .records import Record
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,9 @@ class GenerationStage:
             previous = latest.get(request["user_id"])
             if previous is not None:
                 metrics.COALESCED.inc()
-                if previous["version"] > request["version"]:
+                # For one version, the original request wins over one resent after a crash,
+                # whose features were rebuilt from a later state.
+                if _rank(previous) >= _rank(request):
                     continue
             latest[request["user_id"]] = request
         await asyncio.gather(*(self._erase(request) for request in erasures.values()))
@@ -197,6 +199,7 @@ class GenerationStage:
                     logger.error("sink.write_rejected sink=%s user_id=%s version=%s error=%s",
                                  sink.name, request["user_id"], request["version"], error)
                     return None
+            faults.crash_point("after_postgres_write", user_id=request["user_id"], version=request["version"])
             logger.debug("profile.written user_id=%s version=%s generator=%s", request["user_id"], request["version"], profile["generator"])
             return profile
 
@@ -254,6 +257,10 @@ def _caused_by_record_size(error: BaseException | None) -> bool:
             return True
         error = error.__cause__
     return False
+
+
+def _rank(request: dict) -> tuple[int, bool]:
+    return request["version"], not request.get("replayed", False)
 
 
 def _parse_request(record: Record) -> dict | None:

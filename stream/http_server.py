@@ -12,11 +12,13 @@ from aiohttp import web
 from mode import Service
 from prometheus_client.exposition import choose_encoder
 
+from handlers.errors import SinkUnavailable
 from handlers.sinks.postgres import PostgresSink
 
 from . import read_api
 from .health import WorkerStatus, readiness
 from .multiprocess_metrics import scrape_registry
+from .postgres_startup import retry_until_available
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +36,8 @@ class HttpServer(Service):
     """Serve /healthz, /readyz and /metrics on `host`:`port` (port 0 picks a free port).
 
     With a `profiles` sink it also serves the read API (stream.read_api), opening the sink's
-    pool on start and closing it on stop.
+    pool in the background after start and closing it on stop. Until the pool opens, the read
+    API answers 503, and an unreachable Postgres is retried with capped backoff.
     """
 
     def __init__(self, status: WorkerStatus, host: str, port: int, *, profiles: PostgresSink | None = None,
@@ -52,8 +55,14 @@ class HttpServer(Service):
         application.router.add_get("/readyz", self._readyz)
         application.router.add_get("/metrics", metrics)
         if self.profiles is not None:
-            await self.profiles.start()
-            read_api.add_routes(application, self.profiles)
+            store = _StoreOnceOpen(self.profiles)
+            read_api.add_routes(application, store)
+            try:
+                await self.profiles.start()
+                store.opened = True
+            except SinkUnavailable:
+                # Retried in the background, so /healthz and /readyz answer while Postgres is unreachable.
+                self.add_future(self._open_profiles(store))
         # Probes and scrapes every few seconds would flood the log with access lines.
         self._runner = web.AppRunner(application, access_log=None)
         await self._runner.setup()
@@ -71,6 +80,31 @@ class HttpServer(Service):
         if self.profiles is not None:
             await self.profiles.close()
 
+    async def _open_profiles(self, store: _StoreOnceOpen) -> None:
+        assert self.profiles is not None
+        await retry_until_available(self.profiles.start, action="open_read_pool", target=self.profiles.target)
+        store.opened = True
+
     async def _readyz(self, request: web.Request) -> web.Response:
         verdict = readiness(self.status)
         return web.json_response(verdict.as_json(), status=200 if verdict.ready else 503)
+
+
+class _StoreOnceOpen:
+    """The read API's view of the profiles sink: every read raises SinkUnavailable (HTTP 503) until the pool is open."""
+
+    def __init__(self, sink: PostgresSink) -> None:
+        self._sink = sink
+        self.opened = False
+
+    async def fetch_current(self, user_id: str) -> dict | None:
+        self._require_open()
+        return await self._sink.fetch_current(user_id)
+
+    async def fetch_history_page(self, user_id: str, *, limit: int, before_version: int | None = None) -> list[dict]:
+        self._require_open()
+        return await self._sink.fetch_history_page(user_id, limit=limit, before_version=before_version)
+
+    def _require_open(self) -> None:
+        if not self.opened:
+            raise SinkUnavailable(f"the connection pool to Postgres at {self._sink.target} is not open yet; retry later")

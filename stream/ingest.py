@@ -116,10 +116,13 @@ class IngestStage:
         if state is None:
             return erasure.DROPPED.outcome
         signals = extract_topics(event.text, event.hashtags, event.tags) if isinstance(event, PostEvent) else None
+        late = user_state.outside_window(state, at)
         result = self._update(state, event, signals)
         if not result.applied:
             await self._resend(state, result, batch)
             return result.outcome
+        if late:
+            metrics.LATE_EVENTS.labels(kind).inc()
         erasure.note_own_event(state, at)
         batch.changed.add(event.user_id)
         await self._emit_audience(event)
@@ -173,7 +176,8 @@ class IngestStage:
         at = event.created_at.timestamp()
         if isinstance(event, PostEvent):
             topics = [[signal.topic, signal.weight] for signal in signals or ()]
-            await self._emitter.post_index(event.post_id, {"kind": "post", "post_id": event.post_id, "topics": topics})
+            message = {"kind": "post", "post_id": event.post_id, "topics": topics, "at": at}
+            await self._emitter.post_index(event.post_id, message)
         elif isinstance(event, LikeEvent) and event.action == "like":
             message = {"kind": "like", "post_id": event.post_id, "user_id": event.user_id, "event_id": event.event_id, "at": at}
             await self._emitter.post_index(event.post_id, message)
@@ -189,6 +193,7 @@ class IngestStage:
         state = self._state_for(user_id, at, batch, own_event=False)
         if state is None:
             return erasure.DROPPED.outcome
+        late = kind != "liked_topics" and user_state.outside_window(state, at)
         try:
             if kind == "liked_topics":
                 topics = [(str(topic), float(weight)) for topic, weight in message["topics"]]
@@ -198,6 +203,8 @@ class IngestStage:
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidRecord("invalid_internal", str(exc)) from None
         if result.applied:
+            if late:
+                metrics.LATE_EVENTS.labels("audience").inc()
             batch.changed.add(user_id)
             await self._decide(state)
         else:
@@ -209,12 +216,13 @@ class IngestStage:
         significance.record_decision(state, decision)
         if not decision.regenerate:
             return
-        previous_topics = frozenset(state["profile"]["interests"])
+        previous_topics = features.profiled_topics(state)
         version = significance.take_snapshot(state)
         state["profile"]["reasons"] = list(decision.reasons)
         for reason in decision.reasons:
             metrics.TRIGGERS.labels(reason).inc()
         request = features.build_request(state, version, decision.reasons, previous_topics)
+        features.remember_topics(state, request)
         erasure.tag_request(request, state)
         await self._emitter.regenerate(state["user_id"], request)
 
@@ -232,7 +240,8 @@ class IngestStage:
             return
         batch.resent.add(state["user_id"])
         reasons = tuple(state["profile"].get("reasons") or ("replayed",))
-        request = features.build_request(state, version, reasons, frozenset(state["profile"]["interests"]))
+        # The stored topics of this version make build_request choose them again.
+        request = features.build_request(state, version, reasons, features.profiled_topics(state))
         request["replayed"] = True
         erasure.tag_request(request, state)
         metrics.REQUESTS_RESENT.inc()

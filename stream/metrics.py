@@ -7,6 +7,11 @@ from prometheus_client import Counter, Gauge, Histogram
 EVENTS = Counter(
     "profilestream_events", "Input records by event type and outcome.", ["type", "outcome"]
 )
+LATE_EVENTS = Counter(
+    "profilestream_late_events",
+    "Applied events whose hour is 7 days (168 hourly buckets) or more before the hour of their user's latest event: counted in totals and interests, not in the hourly windows.",
+    ["type"],
+)
 DEAD_LETTERS = Counter(
     "profilestream_dead_letters", "Records sent to the dead-letter topic, by reason.", ["reason"]
 )
@@ -61,7 +66,9 @@ PRODUCER_ERRORS = Counter(
     "Records the Kafka producer failed to deliver after its own retries, to any topic (dead letters, changelogs and profiles included).",
 )
 POST_INDEX = Counter(
-    "profilestream_post_index_records", "Post-index records by kind (post, like) and outcome.", ["kind", "outcome"]
+    "profilestream_post_index_records",
+    "Post-index records by kind (post, like, invalid) and outcome (indexed, joined, pending, pending_dropped, dropped, and expired for posts and waiting likes older than PROFILESTREAM_POST_INDEX_RETENTION_S).",
+    ["kind", "outcome"],
 )
 COALESCED = Counter(
     "profilestream_coalesced_requests", "Regeneration requests skipped because a newer one for the user was in the same batch."

@@ -15,6 +15,7 @@ from .http_server import HttpServer
 from .kafka_metrics import ConsumerMonitor, RebalanceTracker
 from .logs import LogOptions, configure_logging, logging_config
 from .multiprocess_metrics import mark_dead_at_exit
+from .postgres_startup import PostgresMigration
 from .postgres_tls import postgres_ssl
 from .progress import consumed_topics
 from .read_api import profile_store
@@ -36,21 +37,23 @@ def run_worker(settings: Settings) -> None:
     """Run until SIGTERM or Ctrl+C; Faust commits offsets and stops the agents on the way out.
 
     The HTTP server and the consumer monitor are mode services of the Faust worker, so they
-    run in Faust's event loop, start before the app and stop after it.
+    run in Faust's event loop, start before the app and stop after it. The Postgres migration
+    runs as one of them too, so the worker waits for an unreachable Postgres with /readyz
+    answering 503 instead of exiting.
     """
     log_options = LogOptions.from_settings(settings)
     configure_logging(log_options)
     mark_dead_at_exit()
-    asyncio.run(prepare(settings))
+    asyncio.run(ensure_topics(settings))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     app = create_app(settings)
     status = WorkerStatus()
     RebalanceTracker(status, consumed_topics(settings)).connect(app)
-    services = (
-        HttpServer(status, settings.http_host, settings.http_port, profiles=profile_store(settings), loop=loop),
-        ConsumerMonitor(settings, status, Watchdog(settings.watchdog_stall_s), loop=loop),
-    )
+    services = [HttpServer(status, settings.http_host, settings.http_port, profiles=profile_store(settings), loop=loop)]
+    if settings.postgres_dsn is not None:
+        services.append(PostgresMigration(settings, loop=loop))
+    services.append(ConsumerMonitor(settings, status, Watchdog(settings.watchdog_stall_s), loop=loop))
     # mode's Worker clears the root handlers and applies `logging_config` when it starts.
     worker = faust.Worker(app, *services, loop=loop, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
                           logging_config=logging_config(log_options))

@@ -92,3 +92,49 @@ async def test_batch_runs_generations_concurrently():
     stage = GenerationStage(SlowGenerator(), [ListSink()], concurrency=3)
     await stage.handle_batch([request(f"u{n}", 1) for n in range(10)])
     assert peak == 3
+
+
+def resent_request(user_id: str, version: int, offset: int) -> Record:
+    body = {"user_id": user_id, "version": version, "replayed": True, "marker": "resent"}
+    return Record("regenerate", 0, offset, user_id.encode(), orjson.dumps(body))
+
+
+class RecordingGenerator(EchoGenerator):
+    async def generate(self, request: dict) -> tuple[dict, str]:
+        profile, outcome = await super().generate(request)
+        profile["marker"] = request.get("marker", "original")
+        return profile, outcome
+
+
+async def test_original_request_wins_over_resent_one():
+    sink = ListSink()
+    stage = GenerationStage(RecordingGenerator(), [sink])
+    await stage.handle_batch([request("u1", 4), resent_request("u1", 4, offset=9)])
+    assert [profile["marker"] for profile in sink.written] == ["original"]
+
+
+async def test_original_request_replaces_earlier_resent_one():
+    sink = ListSink()
+    stage = GenerationStage(RecordingGenerator(), [sink])
+    await stage.handle_batch([resent_request("u1", 4, offset=1), request("u1", 4)])
+    assert [profile["marker"] for profile in sink.written] == ["original"]
+
+
+class StoringSink(ListSink):
+    name = "storing"
+
+    def __init__(self, stored: dict[str, int]) -> None:
+        super().__init__()
+        self.stored = stored
+
+    async def stored_versions(self, user_ids: list[str]) -> dict[str, int]:
+        return {user_id: self.stored[user_id] for user_id in user_ids if user_id in self.stored}
+
+
+async def test_stored_versions_are_skipped():
+    generator = EchoGenerator()
+    topic, postgres = ListSink(), StoringSink({"u1": 5, "u2": 1})
+    stage = GenerationStage(generator, [topic, postgres])
+    await stage.handle_batch([request("u1", 5), request("u2", 2), request("u3", 1)])
+    assert sorted(generator.requests) == [("u2", 2), ("u3", 1)]
+    assert sorted(profile["user_id"] for profile in topic.written) == ["u2", "u3"]

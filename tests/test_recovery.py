@@ -7,6 +7,7 @@ the same order in every run, and decisions must match exactly.
 from __future__ import annotations
 
 import gzip
+import uuid
 
 import pytest
 import pytest_asyncio
@@ -70,12 +71,12 @@ async def runs(kafka_bootstrap, postgres_dsn, tmp_path_factory):
     write_lines(workdir / "first.jsonl", posts[:half])
     write_lines(workdir / "second.jsonl", posts[half:])
 
-    clean = isolated_settings(kafka_bootstrap, await database(postgres_dsn, f"{workdir.name}_clean".lower()), workdir / "clean")
+    clean = isolated_settings(kafka_bootstrap, await database(postgres_dsn, f"{workdir.name}_clean_{uuid.uuid4().hex[:6]}".lower()), workdir / "clean")
     await prepare(clean)
     await replay(workdir / "all.jsonl", clean, progress=False)
     (await run_worker_until_caught_up(clean, workdir / "clean.log")).stop()
 
-    restarted = isolated_settings(kafka_bootstrap, await database(postgres_dsn, f"{workdir.name}_restart".lower()), workdir / "restart")
+    restarted = isolated_settings(kafka_bootstrap, await database(postgres_dsn, f"{workdir.name}_restart_{uuid.uuid4().hex[:6]}".lower()), workdir / "restart")
     await prepare(restarted)
     await replay(workdir / "first.jsonl", restarted, progress=False)
     first = await run_worker_until_caught_up(restarted, workdir / "first.log")

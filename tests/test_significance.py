@@ -2,6 +2,8 @@
 
 from datetime import UTC, datetime, timedelta
 
+from hypothesis import given, settings, strategies as st
+
 from handlers import significance, state as user_state
 from handlers.events import PostEvent
 
@@ -154,3 +156,36 @@ def test_audience_change_triggers():
     for n in range(12):
         user_state.apply_audience(state, "followed", f"f{n}", at)
     assert significance.decide(state, rules).reasons == ("audience_change",)
+
+
+lifetimes = st.lists(st.tuples(st.floats(0, 24 * 365), st.sampled_from(["qiskit", "grover", "qec", "tea"])),
+                     min_size=1, max_size=40)
+any_thresholds = st.builds(
+    significance.Thresholds,
+    min_events_new_user=st.integers(1, 5), interest_drift=st.floats(0.01, 1.0), min_new_events=st.integers(1, 5),
+    new_content_events=st.integers(1, 20), cooldown_s=st.floats(0, 30 * 24 * 3600),
+    stale_after_s=st.floats(1, 30 * 24 * 3600), activity_change_ratio=st.floats(1.0, 5.0),
+    activity_min_posts=st.integers(0, 5), audience_change_share=st.floats(0, 1), audience_min_followers=st.integers(0, 5),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lifetimes, any_thresholds, st.floats(0, 10 * 365 * 24 * 3600))
+def test_idle_user_never_regenerates(events, rules, later_s):
+    state = user_state.new_state("u1")
+    # The worker's loop: decide after every applied event, snapshot when it regenerates.
+    for n, (hours, tag) in enumerate(events):
+        post(state, n, hours, tag)
+        decision = significance.decide(state, rules)
+        significance.record_decision(state, decision)
+        if decision.regenerate:
+            significance.take_snapshot(state)
+    if state["profile"]["events_applied"] != state["events_applied"]:
+        significance.take_snapshot(state)
+    # Nothing new arrives; even a later user clock (a decision at any later time) triggers nothing.
+    state["last_seen"] += later_s
+    for _ in range(3):
+        decision = significance.decide(state, rules)
+        significance.record_decision(state, decision)
+        assert not decision.regenerate
+        assert decision.reasons == ()

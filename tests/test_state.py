@@ -150,7 +150,7 @@ def build_events(specs) -> list:
 
 def comparable(state: dict) -> dict:
     copy = orjson.loads(orjson.dumps(state))
-    copy["interests"] = {topic: [round(entry[0], 9), entry[1], entry[2]] for topic, entry in copy["interests"].items()}
+    copy["interests"] = {topic: [round(entry[0], 9), entry[1], entry[2], entry[4], entry[5]] for topic, entry in copy["interests"].items()}
     copy["interest_ref"] = None
     return copy
 
@@ -189,3 +189,86 @@ def test_recent_interests_decay_faster():
     assert recent["old"] == pytest.approx(2 * 0.25, rel=0.01)
     assert long_term["old"] > recent["old"]
     assert user_state.recent_interests(state, 1)[0][0] == "new"
+
+
+def test_tag_is_explicit_keyword_implicit():
+    state = apply_all([make_post(1, tags=("qiskit",))])
+    assert user_state.signal_counts(state["interests"]["qiskit"]) == (1, 0)
+    assert user_state.signal_counts(state["interests"]["grover"]) == (0, 1)
+
+
+def test_liked_topics_count_implicit():
+    state = user_state.new_state("u1")
+    user_state.apply_liked_topics(state, "l1", T0.timestamp(), [("qiskit", 1.0)])
+    user_state.apply_liked_topics(state, "l2", T0.timestamp(), [("qiskit", 1.0)])
+    assert user_state.signal_counts(state["interests"]["qiskit"]) == (0, 2)
+
+
+def test_duplicate_adds_no_signal():
+    state = apply_all([make_post(1), make_post(1)])
+    assert user_state.signal_counts(state["interests"]["qiskit"]) == (1, 0)
+
+
+def test_legacy_entry_counts_from_evidence():
+    state = apply_all([make_post(1), make_post(2, hours=1)])
+    entry = state["interests"]["qiskit"]
+    del entry[4:]
+    assert user_state.signal_counts(entry) == (0, 2)
+    user_state.apply_post(state, make_post(3, hours=2))
+    assert state["interests"]["qiskit"][4:] == [1, 2]
+
+
+def test_outside_window_by_hour():
+    state = apply_all([make_post(1, hours=200)])
+    assert not user_state.outside_window(state, (T0 + timedelta(hours=33)).timestamp())
+    assert user_state.outside_window(state, (T0 + timedelta(hours=32)).timestamp())
+    assert not user_state.outside_window(user_state.new_state("u1"), T0.timestamp())
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_specs)
+def test_signal_counts_match_events(specs):
+    events = build_events(specs)
+    state = apply_all(events)
+    for tag in ("a", "b", "c"):
+        posts = sum(1 for event in events if isinstance(event, PostEvent) and event.tags == (tag,))
+        entry = state["interests"].get(tag)
+        assert (entry[4] if entry else 0) == posts
+        assert (entry[5] if entry else 0) == 0
+    keyword = state["interests"].get("text")
+    assert (keyword[5] if keyword else 0) == sum(1 for event in events if isinstance(event, PostEvent))
+
+
+heavy_specs = st.lists(
+    st.tuples(st.integers(0, 10**6), st.floats(0, 24 * 400), st.integers(0, 300),
+              st.sampled_from(["post", "like", "follow", "liked_topics", "like_received"])),
+    min_size=1, max_size=1500, unique_by=lambda spec: spec[0],
+)
+
+
+@settings(max_examples=25, deadline=None)
+@given(heavy_specs)
+def test_state_stays_under_bounds(specs):
+    state = user_state.new_state("u1")
+    for n, hours, topic, kind in specs:
+        at = T0 + timedelta(hours=hours)
+        if kind == "post":
+            event = PostEvent(f"e{n}", "u1", f"p{n}", at, f"words about subject{topic} and subject{topic + 1}",
+                              tags=(f"t{topic}", f"t{topic // 2}"), lang=f"l{topic % 20}")
+            user_state.apply_post(state, event)
+        elif kind == "like":
+            user_state.apply_like(state, LikeEvent(f"e{n}", "u1", f"p{n}", "u2", at))
+        elif kind == "follow":
+            user_state.apply_follow(state, FollowEvent(f"e{n}", "u1", f"u{n}", at))
+        elif kind == "liked_topics":
+            user_state.apply_liked_topics(state, f"e{n}", at.timestamp(), [(f"t{topic}", 1.0), (f"k{topic}", 0.25)])
+        else:
+            user_state.apply_audience(state, "like_received", f"e{n}", at.timestamp())
+    assert len(state["interests"]) <= user_state.MAX_TOPICS + user_state.MAX_TOPICS // 4
+    assert all(len(entry) == 6 and len(entry[2]) <= user_state.MAX_EVIDENCE for entry in state["interests"].values())
+    assert len(state["seen"]) <= user_state.MAX_SEEN_EVENTS + user_state.SEEN_EVICTION_BATCH
+    assert len(state["hours"]) <= user_state.WINDOW_HOURS
+    assert len(state["recent_posts"]) <= user_state.MAX_RECENT_POSTS
+    assert len(state["languages"]) <= user_state.MAX_LANGUAGES
+    # bench.state_size measured 54 KB for a user with 100,000 events.
+    assert len(orjson.dumps(state)) < 100_000

@@ -55,14 +55,17 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """`python -m stream worker` with the given settings, its output in a log file."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.log_path = log_path
+        # Variables added after the settings, such as the test-only PROFILESTREAM_TEST_CRASH_AT.
+        self.extra_env = extra_env or {}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
         env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
         env.update(settings_env(self.settings))
+        env.update(self.extra_env)
         # SIGKILL when the test process dies: a stalled worker may not finish a SIGTERM shutdown,
         # and no worker may outlive a test run.
         self.process = spawn([sys.executable, "-m", "stream", "worker"], log_path=self.log_path,
