@@ -102,7 +102,7 @@ def admit_two_explicit_or_three_implicit(counts: Counter, evidence: list[str]) -
     return counts["explicit"] >= 2 or counts["implicit"] >= 3
 
 
-CURRENT = "current (build_request: 2 distinct events)"
+CURRENT = "current (build_request: 2 explicit or 3 implicit signals)"
 ADMISSION_RULES: dict[str, AdmissionRule] = {
     "admit after 2 events": admit_two_events,
     "admit after 2 explicit or 3 implicit": admit_two_explicit_or_three_implicit,

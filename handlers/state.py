@@ -7,8 +7,8 @@ dedup set keeps `MAX_SEEN_EVENTS` ids, and recent posts keep `MAX_RECENT_POSTS`.
 An interest entry is the list [weight, signals, evidence, short-scale weight, explicit
 signals, implicit signals]. A signal is one event that carried the topic: explicit for a tag
 or hashtag of the user's own post, implicit for a keyword of the post's text or a topic of a
-post the user liked. States written before the last two counters existed have 4-item entries;
-`signal_counts` derives their counts from the evidence.
+post the user liked. States written before the last two counters existed have 4-item entries,
+and `signal_counts` derives their counts from the evidence.
 
 Ordering rules:
 - interest weights decay exponentially in event time against a reference time that only
@@ -42,8 +42,8 @@ MAX_RECENT_POSTS = 10
 MAX_LANGUAGES = 8
 RECENT_TEXT_CHARS = 500
 DEFAULT_HALF_LIFE_S = 30 * 24 * 3600.0
-# Interests are kept at two time scales: the long one (half_life_s, a setting) describes the
-# user, the short one what the user is into this week.
+# Interests are kept at two time scales, each with a half-life setting. The long one
+# (half_life_s) describes the user, the short one (short_half_life_s) what the user is into lately.
 SHORT_HALF_LIFE_S = 7 * 24 * 3600.0
 # A like is weaker evidence of interest than writing about the topic.
 LIKED_TOPIC_FACTOR = 0.5
@@ -90,7 +90,7 @@ def new_state(user_id: str) -> dict[str, Any]:
 
 
 def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HALF_LIFE_S,
-               signals: list[TopicSignal] | None = None) -> ApplyResult:
+               short_half_life_s: float = SHORT_HALF_LIFE_S, signals: list[TopicSignal] | None = None) -> ApplyResult:
     """Apply a post; `signals` are its topics when the caller has extracted them already."""
     at = event.created_at.timestamp()
     result = _admit(state, event.event_id, at)
@@ -103,7 +103,8 @@ def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HA
     if signals is None:
         signals = extract_topics(event.text, event.hashtags, event.tags)
     for signal in signals:
-        _add_interest(state, signal.topic, signal.weight, at, event.event_id, half_life_s, explicit=signal.explicit)
+        _add_interest(state, signal.topic, signal.weight, at, event.event_id, half_life_s,
+                      short_half_life_s, explicit=signal.explicit)
     if event.lang:
         _add_language(state, event.lang.split("-")[0].lower())
     _remember_post(state, event, at)
@@ -148,7 +149,8 @@ def apply_audience(state: dict, kind: str, event_id: str, at: float, step: int =
 
 
 def apply_liked_topics(state: dict, like_event_id: str, at: float, topics: list[tuple[str, float]],
-                       *, half_life_s: float = DEFAULT_HALF_LIFE_S) -> ApplyResult:
+                       *, half_life_s: float = DEFAULT_HALF_LIFE_S,
+                       short_half_life_s: float = SHORT_HALF_LIFE_S) -> ApplyResult:
     """Feed the topics of a post the user liked into the user's interests.
 
     Each topic counts `LIKED_TOPIC_FACTOR` times its weight in the post, with the like as the
@@ -158,7 +160,8 @@ def apply_liked_topics(state: dict, like_event_id: str, at: float, topics: list[
     if not result.applied:
         return result
     for topic, weight in topics:
-        _add_interest(state, topic, weight * LIKED_TOPIC_FACTOR, at, like_event_id, half_life_s, explicit=False)
+        _add_interest(state, topic, weight * LIKED_TOPIC_FACTOR, at, like_event_id, half_life_s,
+                      short_half_life_s, explicit=False)
     return result
 
 
@@ -260,14 +263,14 @@ def _expire_hours(state: dict) -> None:
 
 
 def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: str, half_life_s: float,
-                  *, explicit: bool) -> None:
+                  short_half_life_s: float, *, explicit: bool) -> None:
     interests = state["interests"]
     ref = state["interest_ref"]
     if ref is None:
         ref = state["interest_ref"] = at
     elif at > ref:
         decay = math.pow(2.0, -(at - ref) / half_life_s)
-        short_decay = math.pow(2.0, -(at - ref) / SHORT_HALF_LIFE_S)
+        short_decay = math.pow(2.0, -(at - ref) / short_half_life_s)
         for entry in interests.values():
             entry[0] *= decay
             entry[3] *= short_decay
@@ -277,7 +280,7 @@ def _add_interest(state: dict, topic: str, weight: float, at: float, event_id: s
     if len(entry) < 6:
         entry[4:] = signal_counts(entry)
     entry[0] += weight * math.pow(2.0, (at - ref) / half_life_s)
-    entry[3] += weight * math.pow(2.0, (at - ref) / SHORT_HALF_LIFE_S)
+    entry[3] += weight * math.pow(2.0, (at - ref) / short_half_life_s)
     entry[1] += 1
     entry[4 if explicit else 5] += 1
     # Evidence keeps the latest events by event time, so arrival order does not matter.

@@ -64,6 +64,9 @@ class IngestStage:
         self._clock = clock
         self._kinds = settings.input_topics
         self._thresholds = settings.thresholds
+        # Late events are rare, so their series start at zero instead of at the first one.
+        for kind in ("post", "like", "follow", "audience"):
+            metrics.LATE_EVENTS.labels(kind)
 
     async def handle(self, record: Record) -> str:
         """Process one record and return its outcome; bad records go to the dead-letter topic."""
@@ -126,7 +129,7 @@ class IngestStage:
         erasure.note_own_event(state, at)
         batch.changed.add(event.user_id)
         await self._emit_audience(event)
-        await self._emit_post_index(event, signals)
+        await self._emit_post_index(event, signals, record.partition)
         await self._decide(state)
         return result.outcome
 
@@ -158,7 +161,8 @@ class IngestStage:
 
     def _update(self, state: dict, event: Event, signals: list[TopicSignal] | None) -> user_state.ApplyResult:
         if isinstance(event, PostEvent):
-            return user_state.apply_post(state, event, half_life_s=self._settings.interest_half_life_s, signals=signals)
+            return user_state.apply_post(state, event, half_life_s=self._settings.interest_half_life_s,
+                                         short_half_life_s=self._settings.interest_short_half_life_s, signals=signals)
         if isinstance(event, LikeEvent):
             return user_state.apply_like(state, event)
         return user_state.apply_follow(state, event)
@@ -172,14 +176,16 @@ class IngestStage:
             step = -1 if event.action == "unfollow" else 1
             await self._emitter.audience(event.followee_id, _audience("followed", event, at, step))
 
-    async def _emit_post_index(self, event: Event, signals: list[TopicSignal] | None) -> None:
+    async def _emit_post_index(self, event: Event, signals: list[TopicSignal] | None, source_partition: int) -> None:
+        # `source` is the input partition, which the post index needs to expire entries (stream/post_index.py).
         at = event.created_at.timestamp()
         if isinstance(event, PostEvent):
             topics = [[signal.topic, signal.weight] for signal in signals or ()]
-            message = {"kind": "post", "post_id": event.post_id, "topics": topics, "at": at}
+            message = {"kind": "post", "post_id": event.post_id, "topics": topics, "at": at, "source": source_partition}
             await self._emitter.post_index(event.post_id, message)
         elif isinstance(event, LikeEvent) and event.action == "like":
-            message = {"kind": "like", "post_id": event.post_id, "user_id": event.user_id, "event_id": event.event_id, "at": at}
+            message = {"kind": "like", "post_id": event.post_id, "user_id": event.user_id, "event_id": event.event_id, "at": at,
+                       "source": source_partition}
             await self._emitter.post_index(event.post_id, message)
 
     async def _apply_audience(self, record: Record, batch: _Batch) -> str:
@@ -197,7 +203,8 @@ class IngestStage:
         try:
             if kind == "liked_topics":
                 topics = [(str(topic), float(weight)) for topic, weight in message["topics"]]
-                result = user_state.apply_liked_topics(state, event_id, at, topics, half_life_s=self._settings.interest_half_life_s)
+                result = user_state.apply_liked_topics(state, event_id, at, topics, half_life_s=self._settings.interest_half_life_s,
+                                                       short_half_life_s=self._settings.interest_short_half_life_s)
             else:
                 result = user_state.apply_audience(state, kind, event_id, at, step)
         except (KeyError, TypeError, ValueError) as exc:

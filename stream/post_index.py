@@ -7,19 +7,23 @@ who liked, to the audience topic. A like that arrives before its post waits in t
 entry (at most `MAX_PENDING_LIKES`) until the post arrives.
 
 Retention bounds the table. An entry is stamped with its post's event time, or, while it only
-holds likes waiting for their post, with the newest of those likes. Per partition the stage
-tracks the newest event time of the post records and of the like records it has seen. The
-partition's horizon is the older of the two minus the retention, so a partition whose likes
-are read behind its posts (or the other way round) keeps its entries longer, never shorter.
-An entry stamped before its partition's horizon counts as absent: a like of that post gets no
-topics, waiting likes are dropped, and a sweep deletes the entry from the table. Drops are
-counted in `profilestream_post_index_records_total` with outcome `expired`.
+contains likes waiting for their post, with the newest of those likes. A source is one input
+partition of the posts or the likes topic, named in each record. Per post-index partition the
+stage tracks the newest event time each source has sent, and the partition's horizon is the
+oldest of these minus the retention. So when the worker reads one input partition or topic
+behind the others, as during a catch-up, entries are kept longer, never shorter. A source that
+has sent nothing to the partition for `SOURCE_IDLE_S` seconds of wall-clock time no longer
+holds the horizon back. An entry stamped before its partition's horizon counts as absent: a
+like of that post gets no topics, waiting likes are dropped, and a sweep deletes the entry
+from the table. Drops are counted in `profilestream_post_index_records_total` with outcome
+`expired`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+import time
+from collections.abc import Callable, MutableMapping
 from typing import Protocol
 
 import orjson
@@ -35,6 +39,9 @@ DEFAULT_RETENTION_S = 90 * 24 * 3600.0
 # sweep passes over the whole table faster than records add entries.
 SWEEP_MIN_ENTRIES = 256
 SWEEP_ENTRIES_PER_RECORD = 2
+# A source being read sends records continuously, so one that has sent nothing for this long
+# is idle rather than behind, and an idle source must not stop expiry.
+SOURCE_IDLE_S = 600.0
 
 
 class AudienceEmitter(Protocol):
@@ -43,13 +50,16 @@ class AudienceEmitter(Protocol):
 
 class PostIndexStage:
     def __init__(self, table: MutableMapping[str, dict], emitter: AudienceEmitter,
-                 retention_s: float = DEFAULT_RETENTION_S) -> None:
+                 retention_s: float = DEFAULT_RETENTION_S, clock: Callable[[], float] = time.monotonic) -> None:
         self._table = table
         self._emitter = emitter
         self._retention_s = retention_s
-        # Newest event time per partition and record kind ("post", "like"). It lives in memory
-        # only, so after a restart nothing expires in a partition until its records arrive.
-        self._newest: dict[int, dict[str, float]] = {}
+        self._clock = clock
+        # Per post-index partition and source (record kind, input partition): the newest event
+        # time and the clock reading of the source's last record.
+        # NOTE: this lives in memory only. After a restart nothing expires in a partition until
+        # its records arrive, and a source first seen later may find entries it needed expired.
+        self._newest: dict[int, dict[tuple[str, int | None], tuple[float, float]]] = {}
         # Keys the sweep has still to check in its current pass over the table.
         self._sweep_keys: list[str] = []
 
@@ -61,16 +71,20 @@ class PostIndexStage:
                 metrics.POST_INDEX.labels("invalid", "dropped").inc()
                 continue
             message, post_id, kind, at = parsed
-            self._advance(record.partition, kind, at)
+            self._advance(record.partition, (kind, message.get("source")), at)
             entry = entries.get(post_id) or self._load(post_id, record.partition)
-            if entry is None or self._expire(entry):
+            if entry is not None and self._expired(entry):
+                _count_dropped(entry)
+                entry = None
+            if entry is None:
                 entry = {"topics": None, "pending": [], "at": None, "partition": record.partition}
             entries[post_id] = entry
             if kind == "post":
                 await self._index_post(entry, message, at)
             else:
                 await self._join_like(entry, message, at)
-            if self._expire(entry):
+            if self._expired(entry):
+                _count_dropped(entry)
                 entry["topics"], entry["pending"] = None, []
         for post_id, entry in entries.items():
             if entry["topics"] is None and not entry["pending"]:
@@ -90,7 +104,7 @@ class PostIndexStage:
         entry["topics"] = message["topics"]
         # A post record written before records carried a time is stamped when it arrives.
         entry["at"] = at if at is not None else self._latest(entry["partition"])
-        if self._expire(entry):
+        if self._expired(entry):
             return
         metrics.POST_INDEX.labels("post", "indexed").inc()
         for user_id, event_id, like_at in entry["pending"]:
@@ -121,12 +135,12 @@ class PostIndexStage:
         message = {"kind": "liked_topics", "user_id": user_id, "event_id": event_id, "at": at, "step": 1, "topics": topics}
         await self._emitter.audience(user_id, message)
 
-    def _advance(self, partition: int, kind: str, at: float | None) -> None:
+    def _advance(self, partition: int, source: tuple[str, int | None], at: float | None) -> None:
         if at is None:
             return
-        newest = self._newest.setdefault(partition, {})
-        if at > newest.get(kind, float("-inf")):
-            newest[kind] = at
+        sources = self._newest.setdefault(partition, {})
+        newest = sources.get(source, (at, 0.0))[0]
+        sources[source] = (max(newest, at), self._clock())
 
     def _horizon(self, partition: int | None) -> float | None:
         """Return the event time before which an entry of `partition` expires, or None while unknown.
@@ -135,28 +149,31 @@ class PostIndexStage:
         partitions seen.
         """
         if partition is None:
-            horizons = [min(newest.values()) for newest in self._newest.values()]
+            horizons = [self._low_watermark(sources) for sources in self._newest.values()]
         else:
-            newest = self._newest.get(partition)
-            horizons = [min(newest.values())] if newest else []
+            sources = self._newest.get(partition)
+            horizons = [self._low_watermark(sources)] if sources else []
         return min(horizons) - self._retention_s if horizons else None
 
+    def _low_watermark(self, sources: dict[tuple[str, int | None], tuple[float, float]]) -> float:
+        """Return the oldest newest event time of the sources that are not idle, or of all when every one is."""
+        now = self._clock()
+        active = [newest for newest, seen in sources.values() if now - seen < SOURCE_IDLE_S]
+        return min(active or [newest for newest, _ in sources.values()])
+
     def _latest(self, partition: int | None) -> float | None:
-        newest = self._newest.get(partition) if partition is not None else None
-        times = list(newest.values()) if newest else [at for times in self._newest.values() for at in times.values()]
+        sources = self._newest.get(partition) if partition is not None else None
+        if sources:
+            times = [newest for newest, _ in sources.values()]
+        else:
+            times = [newest for sources in self._newest.values() for newest, _ in sources.values()]
         return max(times) if times else None
 
-    def _expire(self, entry: dict) -> bool:
-        """Return whether `entry` is stamped before its horizon; if so, count what it drops."""
+    def _expired(self, entry: dict) -> bool:
+        """Return whether `entry` is stamped before the horizon of its partition."""
         at = entry.get("at")
         horizon = self._horizon(entry.get("partition"))
-        if at is None or horizon is None or at >= horizon:
-            return False
-        if entry["topics"] is not None:
-            metrics.POST_INDEX.labels("post", "expired").inc()
-        if entry["pending"]:
-            metrics.POST_INDEX.labels("like", "expired").inc(len(entry["pending"]))
-        return True
+        return at is not None and horizon is not None and at < horizon
 
     def _sweep(self, budget: int) -> None:
         """Check up to `budget` table entries and delete the expired ones; stamp entries without a time."""
@@ -178,8 +195,17 @@ class PostIndexStage:
             if entry.get("at") is None:
                 # An entry from before entries carried a time: it expires a retention after now.
                 self._table[post_id] = {**entry, "at": self._latest(entry.get("partition")), "partition": entry.get("partition")}
-            elif self._expire(entry):
+            elif self._expired(entry):
+                _count_dropped(entry)
                 del self._table[post_id]
+
+
+def _count_dropped(entry: dict) -> None:
+    """Count the post and the waiting likes an expired entry drops."""
+    if entry["topics"] is not None:
+        metrics.POST_INDEX.labels("post", "expired").inc()
+    if entry["pending"]:
+        metrics.POST_INDEX.labels("like", "expired").inc(len(entry["pending"]))
 
 
 def _parse(record: Record) -> tuple[dict, str, str, float | None] | None:

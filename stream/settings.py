@@ -71,6 +71,7 @@ class Settings(BaseSettings):
     max_future_s: float = Field(600.0, ge=0, description="Events stamped further ahead of the clock than this are dead-lettered.")
     max_event_bytes: int = Field(256 * 1024, ge=1024, description="Largest input record value, in bytes; a larger record is dead-lettered as oversized without being parsed.")
     interest_half_life_s: float = Field(30 * 24 * 3600.0, gt=0, description="Half-life of interest weights, in seconds of event time.")
+    interest_short_half_life_s: float = Field(7 * 24 * 3600.0, gt=0, allow_inf_nan=False, description="Half-life of the short-scale interest weights (recent_interests in the generation request), in seconds of event time.")
     post_index_retention_s: float = Field(90 * 24 * 3600.0, gt=0, allow_inf_nan=False, description="Seconds of event time the post index keeps a post's topics; a like of an older post adds no topics to the liker's interests.")
     min_events_new_user: int = Field(10, ge=1, description="Events a new user needs before the first profile.")
     interest_drift: float = Field(0.2, gt=0, le=1, description="Interest drift (1 - cosine) that triggers a new profile.")
@@ -80,6 +81,7 @@ class Settings(BaseSettings):
     drift_hysteresis: float = Field(0.05, ge=0, lt=1, description="Drift margin below PROFILESTREAM_INTEREST_DRIFT that keeps an armed trigger armed.")
 
     watchdog_stall_s: float = Field(120.0, gt=0, le=86400, allow_inf_nan=False, description="Seconds an input partition with lag may go without its committed offset advancing before /readyz reports the consumer stalled.")
+    shutdown_timeout_s: float = Field(45.0, gt=0, le=3600, allow_inf_nan=False, description="Seconds the worker may take to stop after SIGTERM or SIGINT; then it logs worker.shutdown_timed_out and exits with status 1, and records not committed yet are processed again after the restart. Keep it below the orchestrator's grace period (60 s in deploy/).")
     watchdog_exit_after_s: float = Field(0.0, ge=0, le=86400, allow_inf_nan=False, description="Seconds a stall reported by the watchdog may last before the worker exits with code 3 for its supervisor to restart it; 0 never exits.")
     log_format: Literal["console", "json"] = Field("console", description="Log line format: console (readable key=value lines) or json (one JSON object per line).")
     log_repeats_per_minute: int = Field(10, ge=1, le=100_000, description="Identical log messages (same logger and message template) written per minute; later repeats are dropped and counted in the next line's suppressed field.")

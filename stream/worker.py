@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import time
 
 import faust
 
@@ -20,6 +22,7 @@ from .postgres_tls import postgres_ssl
 from .progress import consumed_topics
 from .read_api import profile_store
 from .settings import Settings
+from .shutdown import ShutdownDeadline, log_summary
 from .topics import ensure_topics
 from .watchdog import Watchdog
 
@@ -39,8 +42,11 @@ def run_worker(settings: Settings) -> None:
     The HTTP server and the consumer monitor are mode services of the Faust worker, so they
     run in Faust's event loop, start before the app and stop after it. The Postgres migration
     runs as one of them too, so the worker waits for an unreachable Postgres with /readyz
-    answering 503 instead of exiting.
+    answering 503 instead of exiting. A stop that takes longer than PROFILESTREAM_SHUTDOWN_TIMEOUT_S
+    ends the process (stream.shutdown). Either way the worker logs one `worker.stopped` line
+    with the run's counts.
     """
+    started = time.monotonic()
     log_options = LogOptions.from_settings(settings)
     configure_logging(log_options)
     mark_dead_at_exit()
@@ -55,8 +61,31 @@ def run_worker(settings: Settings) -> None:
         services.append(PostgresMigration(settings, loop=loop))
     services.append(ConsumerMonitor(settings, status, Watchdog(settings.watchdog_stall_s), loop=loop))
     # mode's Worker clears the root handlers and applies `logging_config` when it starts.
-    worker = faust.Worker(app, *services, loop=loop, loglevel=settings.log_level, quiet=True, redirect_stdouts=False,
-                          logging_config=logging_config(log_options))
+    deadline = ShutdownDeadline(settings.shutdown_timeout_s, started)
+    worker = _Worker(app, *services, deadline=deadline, loop=loop, loglevel=settings.log_level, quiet=True,
+                     redirect_stdouts=False, logging_config=logging_config(log_options))
     # With a spinner and a level of WARNING or above, Faust would set the root logger to DEBUG.
     worker.spinner = None
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        deadline.cancel()
+        log_summary(started)
+
+
+class _Worker(faust.Worker):
+    """Faust's worker with a deadline on its stop, armed by SIGTERM, SIGINT or any other way out."""
+
+    def __init__(self, *services, deadline: ShutdownDeadline, **kwargs) -> None:
+        super().__init__(*services, **kwargs)
+        self._deadline = deadline
+
+    def _schedule_shutdown(self, received: signal.Signals) -> None:
+        # mode-streaming 0.7 calls this for SIGTERM and SIGINT.
+        self._deadline.arm(received.name)
+        super()._schedule_shutdown(received)
+
+    def on_worker_shutdown(self) -> None:
+        # Called on every way out of execute_from_commandline, a crash included.
+        self._deadline.arm("exit")
+        super().on_worker_shutdown()

@@ -148,7 +148,7 @@ async def read_topic(bootstrap: str, topic: str) -> list:
 
 @dataclass
 class TopicProfiles:
-    """The profile topic as a consumer that ignores versions not above the last one sees it."""
+    """The profile topic as read by a consumer that ignores versions not above the last one it accepted."""
 
     # (user id, version) -> records with that version header
     copies: collections.Counter = field(default_factory=collections.Counter)
@@ -182,6 +182,19 @@ async def read_profile_topic(settings: Settings) -> TopicProfiles:
         else:
             seen.append(version)
     return result
+
+
+async def committed_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """Return partition -> the offset the worker's group committed in `topic` (-1: none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        [entry] = await admin.describe_topics([topic])
+        partitions = [TopicPartition(topic, partition["partition"]) for partition in entry["partitions"]]
+        committed = await admin.list_consumer_group_offsets(settings.app_id, partitions=partitions)
+    finally:
+        await admin.close()
+    return {partition.partition: committed[partition].offset if partition in committed else -1 for partition in partitions}
 
 
 def changelog_topic(settings: Settings) -> str:
@@ -251,21 +264,26 @@ def metric_sum(samples: dict, name: str, **labels: str) -> float:
     )
 
 
-async def wait_for(condition: Callable[[], bool], *, timeout_s: float, poll_s: float = 0.2, what: str) -> None:
+async def wait_for(condition: Callable[[], bool], *, timeout_s: float, poll_s: float = 0.2, description: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout_s} s")
+            raise TimeoutError(f"{description} did not happen within {timeout_s} s")
         await asyncio.sleep(poll_s)
 
 
-def events_processed(worker: WorkerProcess) -> float:
-    """Input records the worker has processed so far, any outcome; 0 while its HTTP server is not up."""
+def scrape(worker: WorkerProcess) -> dict:
+    """Return the worker's samples, or {} while its HTTP server is not up; fail if the worker exited."""
     worker.check_alive()
     try:
-        return metric_sum(worker.metrics(), "profilestream_events_total")
+        return worker.metrics()
     except OSError:
-        return 0.0
+        return {}
+
+
+def events_processed(worker: WorkerProcess) -> float:
+    """Input records the worker has processed so far, any outcome."""
+    return metric_sum(scrape(worker), "profilestream_events_total")
 
 
 def kill(worker: WorkerProcess) -> int:

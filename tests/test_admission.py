@@ -93,7 +93,7 @@ def ranked_state(heavy_repeats: int) -> dict:
 
 
 def test_previous_topic_kept_above_drop_threshold():
-    # The cut-off is t9 with 21 posts; 0.8 times that is 16.8.
+    # The cut-off is t9 with 21 posts, and 0.8 times that is 16.8.
     assert "t10" in request_topics(ranked_state(17), frozenset({"t10"}))
     assert "t9" not in request_topics(ranked_state(17), frozenset({"t10"}))
 
@@ -111,7 +111,7 @@ def test_kept_topic_stays_over_versions():
         request = features.build_request(state, version, ("stale",), previous)
         features.remember_topics(state, request)
         assert "t10" in state["profile"]["topics"]
-    # The snapshot's interest vector holds the ten heaviest topics, which leave t10 out.
+    # The snapshot's interest vector contains the ten heaviest topics, which leave t10 out.
     assert "t10" not in state["profile"]["interests"]
 
 

@@ -56,8 +56,10 @@ def test_rules_cite_own_events(result):
 def test_admission_keeps_backed_interests(result):
     current = result["variants"][grounding_eval.CURRENT]["rules"]["all_versions"]
     two_events = result["variants"]["admit after 2 events"]["rules"]["all_versions"]
-    assert two_events["interests"] <= current["interests"]
-    assert two_events["two_or_more_events_share"] >= current["two_or_more_events_share"]
+    # build_request admits a topic after 2 explicit or 3 implicit signals, each from its own
+    # event, so every admitted topic also passes the looser two-event rule.
+    assert current["interests"] <= two_events["interests"]
+    assert current["two_or_more_events_share"] == 1.0
 
 
 def test_grounding_needs_two_events():

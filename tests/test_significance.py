@@ -180,9 +180,11 @@ def test_idle_user_never_regenerates(events, rules, later_s):
         significance.record_decision(state, decision)
         if decision.regenerate:
             significance.take_snapshot(state)
+    # Events after the last profile are new events. The ingest stage decides only after an
+    # applied event, so it never decides again on them without one (tests/test_event_time.py).
     if state["profile"]["events_applied"] != state["events_applied"]:
         significance.take_snapshot(state)
-    # Nothing new arrives; even a later user clock (a decision at any later time) triggers nothing.
+    # Nothing new arrives, so no decision triggers, even with the user's clock moved years later.
     state["last_seen"] += later_s
     for _ in range(3):
         decision = significance.decide(state, rules)

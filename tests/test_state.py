@@ -272,3 +272,14 @@ def test_state_stays_under_bounds(specs):
     assert len(state["languages"]) <= user_state.MAX_LANGUAGES
     # bench.state_size measured 54 KB for a user with 100,000 events.
     assert len(orjson.dumps(state)) < 100_000
+
+
+def test_short_half_life_configurable():
+    state = user_state.new_state("u1")
+    day = 24 * 3600.0
+    user_state.apply_post(state, make_post(1, hours=0, tags=("old",)), short_half_life_s=day)
+    user_state.apply_post(state, make_post(2, hours=24, tags=("new",)), short_half_life_s=day)
+    recent = dict(user_state.recent_interests(state, 5))
+    assert recent["old"] == pytest.approx(0.5)
+    assert recent["new"] == pytest.approx(1.0)
+    assert user_state.interest_weights(state)["old"] == pytest.approx(2 ** (-1 / 30))
