@@ -154,7 +154,8 @@ def apply_liked_topics(state: dict, like_event_id: str, at: float, topics: list[
     """Feed the topics of a post the user liked into the user's interests.
 
     Each topic counts `LIKED_TOPIC_FACTOR` times its weight in the post, with the like as the
-    evidence and as one implicit signal. An unlike removes no interest: the earlier like still showed the interest.
+    evidence and as one implicit signal. An unlike removes no interest: the earlier like still
+    showed the interest.
     """
     result = _admit(state, f"liked_topics:{like_event_id}", at)
     if not result.applied:

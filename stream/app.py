@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -37,6 +37,8 @@ from .state_size import estimate_json_bytes
 
 logger = logging.getLogger(__name__)
 
+AGENT_RETRY_INITIAL_S = 1.0
+AGENT_RETRY_MAX_S = 30.0
 STATE_TABLE = "user-state"
 POST_INDEX_TABLE = "post-index"
 
@@ -87,12 +89,12 @@ def create_app(settings: Settings) -> faust.App:
     @app.agent(ingest_channel, name="ingest")
     async def ingest_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
-            await ingest.handle_batch([_record(event) for event in events])
+            await _handle_until_done("ingest", ingest.handle_batch, [_record(event) for event in events])
 
     @app.agent(post_index_topic, name="post-index")
     async def post_index_agent(stream: faust.StreamT) -> None:
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
-            await post_index.handle_batch([_record(event) for event in events])
+            await _handle_until_done("post-index", post_index.handle_batch, [_record(event) for event in events])
 
     # One actor, so a batch contains every pending request and coalescing covers them all.
     # The stage itself generates up to PROFILESTREAM_GENERATION_CONCURRENCY profiles at once.
@@ -100,7 +102,7 @@ def create_app(settings: Settings) -> faust.App:
     async def generate_agent(stream: faust.StreamT) -> None:
         stage = await resources.stage()
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
-            await stage.handle_batch([_record(event) for event in events])
+            await _handle_until_done("generate", stage.handle_batch, [_record(event) for event in events])
 
     @app.timer(interval=10.0)
     async def report_state_size() -> None:
@@ -124,7 +126,8 @@ class _StrKeyedTable(MutableMapping[str, dict]):
         value = self._table.get(key.encode())
         if value is None:
             raise KeyError(key)
-        return value
+        # A copy, so a batch that fails halfway leaves the table as it was and can run again.
+        return orjson.loads(orjson.dumps(value))
 
     def __setitem__(self, key: str, value: dict) -> None:
         self._table[key.encode()] = value
@@ -231,6 +234,33 @@ class _Resources:
         for close in reversed(self._closers):
             await close()
         self._closers.clear()
+
+
+async def _handle_until_done(agent: str, handler: Callable[[list[Record]], Awaitable[object]], records: list[Record]) -> None:
+    """Run `handler` on one batch until it succeeds, retrying unexpected errors with capped backoff.
+
+    Bad records never get here as errors: the stages dead-letter them. An exception is a bug
+    or an outage (for example a producer without metadata after a rebalance). Letting it
+    escape would make Faust acknowledge the batch and restart the agent, so the batch would
+    be committed without being processed. The stages are idempotent per record, so running
+    the batch again is safe. While it fails, the partition stalls and the watchdog reports it.
+    """
+    delay_s = AGENT_RETRY_INITIAL_S
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await handler(records)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            metrics.BATCH_RETRIES.labels(agent).inc()
+            first = records[0] if records else None
+            logger.exception("agent.batch_failed agent=%s attempt=%d records=%d first=%s retry_in_s=%.1f",
+                             agent, attempt, len(records), first.position() if first else None, delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, AGENT_RETRY_MAX_S)
 
 
 def _record(event: faust.EventT) -> Record:

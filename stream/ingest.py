@@ -64,7 +64,7 @@ class IngestStage:
         self._clock = clock
         self._kinds = settings.input_topics
         self._thresholds = settings.thresholds
-        # Late events are rare, so their series start at zero instead of at the first one.
+        # The late-event series exist at zero from the start, so queries see them before the first one.
         for kind in ("post", "like", "follow", "audience"):
             metrics.LATE_EVENTS.labels(kind)
 

@@ -28,6 +28,13 @@ GENERATION_SECONDS = Histogram(
 SINK_WRITES = Counter(
     "profilestream_sink_writes", "Profile writes by sink and outcome.", ["sink", "outcome"]
 )
+BATCH_RETRIES = Counter(
+    "profilestream_batch_retries",
+    "Batches an agent ran again after an unexpected error, by agent (ingest, post-index, generate).",
+    ["agent"],
+)
+for _agent in ("ingest", "post-index", "generate"):
+    BATCH_RETRIES.labels(_agent)
 REQUESTS_RESENT = Counter(
     "profilestream_regenerations_resent",
     "Regeneration requests sent again because a duplicate record showed that a batch was being reprocessed.",

@@ -42,7 +42,7 @@ class ShutdownDeadline:
         self._timer: threading.Timer | None = None
 
     def arm(self, reason: str) -> None:
-        """Start the deadline; later calls do nothing."""
+        """Start the deadline. Later calls do nothing."""
         with self._lock:
             if self._timer is not None:
                 return
@@ -66,7 +66,7 @@ class ShutdownDeadline:
 
 
 def log_summary(started: float) -> None:
-    """Log the `worker.stopped` line once per process; later calls do nothing.
+    """Log the `worker.stopped` line once per process. Later calls do nothing.
 
     `started` is the time.monotonic() value at the start of the run.
     """

@@ -68,7 +68,7 @@ def distinct_events_per_user(lines: Iterable[bytes]) -> collections.Counter:
 
 
 async def create_database(postgres_dsn: str) -> str:
-    """Create and migrate a database with a random name; return its DSN."""
+    """Create and migrate a database with a random name, and return its DSN."""
     name = f"delivery_{uuid.uuid4().hex[:12]}"
     connection = await asyncpg.connect(postgres_dsn)
     try:

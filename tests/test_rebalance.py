@@ -100,14 +100,6 @@ async def test_topic_matches_postgres(rebalanced_run):
     check_topic_matches_postgres(rebalanced_run["stored"], rebalanced_run["topic"])
 
 
-# NOTE: failed in 4 of 5 runs on faust-streaming 0.15.3 (2 CPUs). The worker that keeps a
-# regenerate partition through the rebalance commits it past requests it never processed, so
-# their versions never reach Postgres or the topic. The partition had no committed offset yet,
-# because the generate agent waits behind the ingest backlog, and `Consumer._new_offset`
-# checks for a gap at the head of the acknowledged offsets only when a committed offset
-# exists. Seen in a run: after the rebalance the first acknowledged offset was 45, and Faust
-# committed 46 although offsets 2-44 were never acknowledged. Kept so the test shows a fix.
-@pytest.mark.xfail(reason="Faust commits past requests dropped in a rebalance when the partition has no committed offset", strict=False)
 async def test_latest_versions_reach_postgres(rebalanced_run):
     decided = {user_id: state["profile"]["version"] for user_id, state in rebalanced_run["states"].items()
                if state["profile"]["version"] > 0}
