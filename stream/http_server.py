@@ -37,7 +37,7 @@ class HttpServer(Service):
 
     With a `profiles` sink it also serves the read API (stream.read_api), opening the sink's
     pool in the background after start and closing it on stop. Until the pool opens, the read
-    API answers 503, and an unreachable Postgres is retried with capped backoff.
+    API responds with 503, and an unreachable Postgres is retried with capped backoff.
     """
 
     def __init__(self, status: WorkerStatus, host: str, port: int, *, profiles: PostgresSink | None = None,
@@ -61,7 +61,7 @@ class HttpServer(Service):
                 await self.profiles.start()
                 store.opened = True
             except SinkUnavailable:
-                # Retried in the background, so /healthz and /readyz answer while Postgres is unreachable.
+                # Retried in the background, so /healthz and /readyz respond while Postgres is unreachable.
                 self.add_future(self._open_profiles(store))
         # Probes and scrapes every few seconds would flood the log with access lines.
         self._runner = web.AppRunner(application, access_log=None)

@@ -156,7 +156,7 @@ class PostIndexStage:
         return min(horizons) - self._retention_s if horizons else None
 
     def _low_watermark(self, sources: dict[tuple[str, int | None], tuple[float, float]]) -> float:
-        """Return the oldest newest event time of the sources that are not idle, or of all when every one is."""
+        """Return the lowest newest event time of the sources that are not idle, or of all sources when every one is idle."""
         now = self._clock()
         active = [newest for newest, seen in sources.values() if now - seen < SOURCE_IDLE_S]
         return min(active or [newest for newest, _ in sources.values()])
@@ -176,7 +176,7 @@ class PostIndexStage:
         return at is not None and horizon is not None and at < horizon
 
     def _sweep(self, budget: int) -> None:
-        """Check up to `budget` table entries and delete the expired ones; stamp entries without a time."""
+        """Check up to `budget` table entries, delete the expired ones and stamp the ones without a time."""
         if not self._newest:
             return
         refilled = False
@@ -193,7 +193,7 @@ class PostIndexStage:
             if entry is None:
                 continue
             if entry.get("at") is None:
-                # An entry from before entries carried a time: it expires a retention after now.
+                # An entry from before entries carried a time expires one retention after the newest time seen.
                 self._table[post_id] = {**entry, "at": self._latest(entry.get("partition")), "partition": entry.get("partition")}
             elif self._expired(entry):
                 _count_dropped(entry)

@@ -75,8 +75,8 @@ class PostgresMigration(Service):
     """Apply the Postgres migrations as the worker starts, waiting for the server as long as it takes.
 
     Listed among the worker's services before the Faust app, so the app starts consuming only
-    after the schema is in place. Meanwhile the HTTP server, started earlier, answers /readyz
-    with 503 because no partition is assigned yet.
+    after the schema is in place. Meanwhile the HTTP server, started earlier, responds to
+    /readyz with 503 because no partition is assigned yet.
     """
 
     def __init__(self, settings: Settings, **kwargs) -> None:

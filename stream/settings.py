@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1, le=1024, description="Partitions of every topic the project creates; input topics must all have this count.")
     replication_factor: int = Field(1, ge=1, le=7, description="Replication factor of the topics the project creates.")
     kafka_session_timeout_s: float = Field(30.0, gt=0, description="Consumer group session timeout, in seconds.")
-    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field("at_least_once", description="Faust's processing guarantee: at_least_once (offsets committed after the writes; reprocessed events are no-ops) or exactly_once (Kafka transactions, one transactional producer per partition).")
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field("at_least_once", description="Faust's processing guarantee. Only at_least_once is supported: offsets are committed after the writes, and reprocessed events and profile writes are no-ops. exactly_once (Kafka transactions) is rejected, because with faust-streaming 0.15.3 a worker killed mid-replay lost state updates.")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field("PLAINTEXT", description="Protocol of every Kafka connection: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT (SASL without TLS) or SASL_SSL (SASL over TLS).")
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field("PLAIN", description="SASL mechanism with SASL_PLAINTEXT and SASL_SSL.")
     kafka_sasl_username: str | None = Field(None, description="SASL user name; required with SASL_PLAINTEXT and SASL_SSL.")
@@ -109,6 +109,19 @@ class Settings(BaseSettings):
     def _check_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and not Path(value).is_file():
             raise ValueError(f"file {value} not found; set {ENV_PREFIX}{info.field_name.upper()} to the path of an existing file")
+        return value
+
+    @field_validator("processing_guarantee")
+    @classmethod
+    def _check_processing_guarantee(cls, value: str) -> str:
+        if value == "exactly_once":
+            # NOTE: tried with faust-streaming 0.15.3, aiokafka 0.14.0 and Kafka 4.4. After a SIGKILL mid-replay,
+            # 5 of 10 runs committed input offsets whose state changelog records were lost (events_applied below a
+            # clean run's). Commit markers also keep the group lag at 1 in each partition a transaction wrote.
+            raise ValueError(
+                "exactly_once is not supported: Faust's Kafka transactions lost state updates when a worker was killed;"
+                " use at_least_once, whose idempotent state and sinks make reprocessing after a crash harmless"
+            )
         return value
 
     @model_validator(mode="after")

@@ -42,7 +42,7 @@ def run_worker(settings: Settings) -> None:
     The HTTP server and the consumer monitor are mode services of the Faust worker, so they
     run in Faust's event loop, start before the app and stop after it. The Postgres migration
     runs as one of them too, so the worker waits for an unreachable Postgres with /readyz
-    answering 503 instead of exiting. A stop that takes longer than PROFILESTREAM_SHUTDOWN_TIMEOUT_S
+    responding 503 instead of exiting. A stop that takes longer than PROFILESTREAM_SHUTDOWN_TIMEOUT_S
     ends the process (stream.shutdown). Either way the worker logs one `worker.stopped` line
     with the run's counts.
     """

@@ -57,13 +57,13 @@ async def sleep_alive(worker: WorkerProcess, seconds: float) -> None:
     worker.check_alive()
 
 
-async def wait_for(condition, worker: WorkerProcess, timeout_s: float, what: str) -> float:
-    """Poll `condition()` until it is true; return the seconds it took."""
+async def wait_for(condition, worker: WorkerProcess, timeout_s: float, description: str) -> float:
+    """Poll `condition()` until it is true and return the seconds it took."""
     started = time.monotonic()
     while not await condition():
         worker.check_alive()
         if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"{what} did not happen within {timeout_s:.0f} s; worker log:\n{worker.log_tail()}")
+            raise AssertionError(f"{description} did not happen within {timeout_s:.0f} s; worker log:\n{worker.log_tail()}")
         await asyncio.sleep(POLL_S)
     return time.monotonic() - started
 
@@ -144,7 +144,7 @@ async def test_broker_restart_mid_replay(fresh_database, tmp_path):
         try:
             await wait_for(lambda: _committed_at_least(settings, len(lines) // 4), worker, 180,
                            "a quarter of the input committed")
-            _, committed_before = await group_lag(settings)
+            lag_before, committed_before = await group_lag(settings)
             broker.stop_server()
             await sleep_alive(worker, BROKER_OUTAGE_S)
             broker.start_server()
@@ -168,6 +168,7 @@ async def test_broker_restart_mid_replay(fresh_database, tmp_path):
           f" caught up after {caught_up_s:.1f} s")
 
     assert exit_code == 0
+    assert lag_before > 0, "the worker had caught up before the broker stopped"
     assert status == 200
     for kind in ("post", "like"):
         applied = metric(samples, "profilestream_events_total", type=kind, outcome="applied")
