@@ -14,6 +14,7 @@ from pathlib import Path
 
 import faust
 import orjson
+from aiokafka.errors import KafkaError
 
 from handlers.errors import InvalidRecord
 from handlers.generation.budget import Budget
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 AGENT_RETRY_INITIAL_S = 1.0
 AGENT_RETRY_MAX_S = 30.0
+METADATA_TIMEOUT_S = 30.0
 STATE_TABLE = "user-state"
 POST_INDEX_TABLE = "post-index"
 
@@ -86,15 +88,24 @@ def create_app(settings: Settings) -> faust.App:
     post_index = PostIndexStage(_StrKeyedTable(post_index_table), emitter, retention_s=settings.post_index_retention_s)
     resources = _Resources(settings, profile_topic)
 
+    changelogs = [table.changelog_topic.get_topic_name(), post_index_table.changelog_topic.get_topic_name()]
+
+    async def changelog_metadata() -> None:
+        await _load_producer_metadata(app, changelogs)
+
     @app.agent(ingest_channel, name="ingest")
     async def ingest_agent(stream: faust.StreamT) -> None:
+        await changelog_metadata()
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
-            await _handle_until_done("ingest", ingest.handle_batch, [_record(event) for event in events])
+            await _handle_until_done("ingest", ingest.handle_batch, [_record(event) for event in events],
+                                     on_error=changelog_metadata)
 
     @app.agent(post_index_topic, name="post-index")
     async def post_index_agent(stream: faust.StreamT) -> None:
+        await changelog_metadata()
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
-            await _handle_until_done("post-index", post_index.handle_batch, [_record(event) for event in events])
+            await _handle_until_done("post-index", post_index.handle_batch, [_record(event) for event in events],
+                                     on_error=changelog_metadata)
 
     # One actor, so a batch contains every pending request and coalescing covers them all.
     # The stage itself generates up to PROFILESTREAM_GENERATION_CONCURRENCY profiles at once.
@@ -236,7 +247,23 @@ class _Resources:
         self._closers.clear()
 
 
-async def _handle_until_done(agent: str, handler: Callable[[list[Record]], Awaitable[object]], records: list[Record]) -> None:
+async def _load_producer_metadata(app: faust.App, topics: list[str]) -> None:
+    """Make the producer load the partitions of `topics`.
+
+    A table write picks its changelog partition from the producer's metadata without waiting
+    for it (Faust's `key_partition`). Faust creates the changelog topics after the producer
+    started, so without this the first writes can fail with a TypeError in the partitioner.
+    """
+    producer = app.producer._ensure_producer()
+    for topic in topics:
+        try:
+            await asyncio.wait_for(producer.client._wait_on_metadata(topic), METADATA_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as error:
+            logger.warning("producer.metadata_missing topic=%s error=%r", topic, error)
+
+
+async def _handle_until_done(agent: str, handler: Callable[[list[Record]], Awaitable[object]], records: list[Record],
+                             on_error: Callable[[], Awaitable[None]] | None = None) -> None:
     """Run `handler` on one batch until it succeeds, retrying unexpected errors with capped backoff.
 
     Bad records never get here as errors: the stages dead-letter them. An exception is a bug
@@ -261,6 +288,8 @@ async def _handle_until_done(agent: str, handler: Callable[[list[Record]], Await
                              agent, attempt, len(records), first.position() if first else None, delay_s)
             await asyncio.sleep(delay_s)
             delay_s = min(delay_s * 2, AGENT_RETRY_MAX_S)
+            if on_error is not None:
+                await on_error()
 
 
 def _record(event: faust.EventT) -> Record:

@@ -151,7 +151,7 @@ async def test_worker_waits_for_postgres_at_start(kafka_bootstrap, tmp_path):
         worker = WorkerProcess(settings, tmp_path / "worker.log").start()
         try:
             await wait_for_log(worker, "postgres.unavailable action=migrate", WAIT_LOGGED_TIMEOUT_S)
-            # Several retries later the worker still runs, is not ready, and its read API answers 503.
+            # Several retries later the worker still runs, is not ready, and its read API responds with 503.
             await asyncio.sleep(3 * RETRY_INITIAL_S * 4)
             worker.check_alive()
             status, document = await readiness(settings.http_port)
@@ -168,13 +168,14 @@ async def test_worker_waits_for_postgres_at_start(kafka_bootstrap, tmp_path):
             current, history = await fetch_all(cluster.dsn)
             records = await read_topic(settings.kafka_bootstrap_servers, settings.topic_profiles)
         finally:
-            assert worker.stop() == 0
+            exit_code = worker.stop()
         log = worker.log_path.read_text(errors="replace")
 
     on_topic: dict[str, int] = {}
     for record in records:
         version = int(dict(record.headers)["profile-version"])
         on_topic[record.key.decode()] = max(version, on_topic.get(record.key.decode(), 0))
+    assert exit_code == 0
     assert status == 200
     assert "postgres.available action=migrate" in log
     print("\n".join(line for line in log.splitlines() if "postgres.available" in line or "postgres.unavailable" in line))
