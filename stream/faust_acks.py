@@ -9,16 +9,18 @@ for offsets that were already processed, so its committed offset stays where it 
 worker keeps consuming. This happened on about one restart in five. The group lag never
 drains and the watchdog reports the partition stalled.
 
-`install()` wraps `Consumer._new_offset`, which computes the next offset to commit, with a
-repair step that runs before it:
-- acknowledged offsets below the committed offset are dropped, and duplicates removed. A
-  partition with no committed offset counts from offset 0, because Faust skips its own gap
-  check there and could commit past records still being processed after a rebalance;
-- when the first acknowledged offset lies above the committed offset, the missing offsets
-  in between count as acknowledged only if the partition was read past them and none of
-  its delivered records is still unacknowledged. Each record in that range was then
-  delivered and processed, so committing past it loses nothing. Otherwise nothing is
-  committed for that partition until that holds.
+`install()` wraps `Consumer.ack` to record every offset this process acknowledged, and
+`Consumer._new_offset`, which computes the next offset to commit, with a repair step that runs
+before it:
+- acknowledged offsets below the committed offset are dropped, and duplicates removed;
+- when the first acknowledged offset lies above the committed offset, the missing offsets in
+  between count as acknowledged only if this process acknowledged each of them before. Their
+  effects were then flushed by the producer before this commit, so committing past them loses
+  nothing. Any other gap is left to Faust, which commits nothing for that partition.
+
+A partition with no committed offset is left to Faust unchanged. There faust-streaming also
+drops records that a seek after a rebalance delivers again below its read offset, so the
+repair could not tell processed records from lost ones.
 
 Reprocessing is harmless here: the state table's per-user dedup set turns a record applied
 twice into a no-op, and profile versions are written idempotently.
@@ -26,6 +28,7 @@ twice into a no-op, and profile versions are written idempotently.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ from . import metrics
 logger = logging.getLogger(__name__)
 
 _ORIGINAL_ATTRIBUTE = "_profilestream_original_new_offset"
+# Commit attempts (about 2.8 s apart) a head gap may stay before the partition is sought back.
+SKIPPED_GAP_CHECKS = 3
 
 
 @dataclass(frozen=True)
@@ -44,42 +49,68 @@ class Repair:
     """Outcome of `repair_acknowledgements` for one partition."""
 
     restored: int = 0
-    # True while offsets below the first acknowledged one are still pending: nothing may be committed.
-    blocked: bool = False
 
 
 def repair_acknowledgements(consumer: Consumer, tp) -> Repair:
-    """Normalize the acknowledged offsets of `tp`, restoring lost ones where that is safe."""
+    """Normalize the acknowledged offsets of `tp`, restoring lost ones this process processed."""
     acked = consumer._acked[tp]
-    if not acked:
+    committed = consumer._committed_offset[tp]
+    processed = _processed(consumer, tp)
+    if committed is not None and processed:
+        processed.difference_update([offset for offset in processed if offset < committed])
+    if not acked or committed is None:
         return Repair()
-    # Faust stores "no committed offset" as None and also turns a committed 0 into None.
-    # Its own gap check then does nothing, and a rebalance can make it commit past records
-    # that were delivered but not processed. Offset 0 is the lowest possible start.
-    committed = consumer._committed_offset[tp] or 0
     offsets = sorted({offset for offset in acked if offset >= committed})
     restored = 0
-    blocked = False
     if offsets and offsets[0] > committed:
-        read = consumer._read_offset[tp]
         first = offsets[0]
-        if read is not None and read >= first and not _unacknowledged_below(consumer, tp, first):
-            # Moving the committed offset up to the first acknowledged one marks the offsets
-            # in between as done without listing them, however many there are.
+        # Every missing offset must have been acknowledged by this process before; the
+        # length check keeps the loop bounded when the gap is larger than that record.
+        if first - committed <= len(processed) and all(offset in processed for offset in range(committed, first)):
             restored = first - committed
-            consumer._committed_offset[tp] = first
-        else:
-            blocked = True
+            offsets = list(range(committed, first)) + offsets
     acked[:] = offsets
     consumer._acked_index[tp] = set(offsets)
-    return Repair(restored, blocked)
+    _seek_back_if_skipped(consumer, tp, committed, offsets, restored)
+    return Repair(restored)
+
+
+def _seek_back_if_skipped(consumer: Consumer, tp, committed: int, offsets: list[int], restored: int) -> None:
+    """Seek `tp` back to its committed offset when Faust skipped the records of a head gap.
+
+    After a seek, Faust drops records delivered again below its read offset, so records in
+    the gap may never reach a stream. When the gap stays for `SKIPPED_GAP_CHECKS` commit
+    attempts while the partition was read past it, the seek delivers them again; the ones
+    processed already are duplicates that change nothing.
+    """
+    gaps = consumer.__dict__.setdefault("_profilestream_gap_checks", {})
+    read = consumer._read_offset[tp]
+    if restored or not offsets or offsets[0] <= committed or read is None or read < offsets[0]:
+        gaps.pop(tp, None)
+        return
+    gaps[tp] = gaps.get(tp, 0) + 1
+    if gaps[tp] < SKIPPED_GAP_CHECKS:
+        return
+    gaps.pop(tp, None)
+    metrics.SKIPPED_GAP_SEEKS.inc()
+    logger.warning("consumer.seek_skipped_gap topic=%s partition=%s committed=%s first_acked=%s read=%s",
+                   tp.topic, tp.partition, committed, offsets[0], read)
+    asyncio.ensure_future(consumer.seek(tp, committed))
 
 
 def install() -> None:
-    """Wrap `Consumer._new_offset` once per process. Later calls do nothing."""
+    """Wrap `Consumer.ack` and `Consumer._new_offset` once per process. Later calls do nothing."""
     if hasattr(Consumer, _ORIGINAL_ATTRIBUTE):
         return
     original: Callable = Consumer._new_offset
+    original_ack: Callable = Consumer.ack
+
+    def ack(self: Consumer, message) -> bool:
+        newly_acked = not message.acked
+        result = original_ack(self, message)
+        if newly_acked:
+            _processed(self, message.tp).add(message.offset)
+        return result
 
     def new_offset(self: Consumer, tp):
         repair = repair_acknowledgements(self, tp)
@@ -89,13 +120,14 @@ def install() -> None:
                 "consumer.acks_restored topic=%s partition=%s offsets=%d committed=%s",
                 tp.topic, tp.partition, repair.restored, self._committed_offset[tp],
             )
-        if repair.blocked:
-            return None
         return original(self, tp)
 
     setattr(Consumer, _ORIGINAL_ATTRIBUTE, original)
     Consumer._new_offset = new_offset
+    Consumer.ack = ack
 
 
-def _unacknowledged_below(consumer: Consumer, tp, offset: int) -> bool:
-    return any(message.tp == tp and message.offset < offset for message in list(consumer._unacked_messages))
+def _processed(consumer: Consumer, tp) -> set[int]:
+    """Offsets of `tp` this process acknowledged and has not seen committed yet."""
+    table = consumer.__dict__.setdefault("_profilestream_processed", {})
+    return table.setdefault(tp, set())

@@ -39,6 +39,10 @@ REQUESTS_RESENT = Counter(
     "profilestream_regenerations_resent",
     "Regeneration requests sent again because a duplicate record showed that a batch was being reprocessed.",
 )
+SKIPPED_GAP_SEEKS = Counter(
+    "profilestream_consumer_gap_seeks",
+    "Seeks of an input partition back to its committed offset because Faust skipped records below its read offset (stream/faust_acks.py).",
+)
 ACKS_RESTORED = Counter(
     "profilestream_consumer_acks_restored",
     "Input offsets whose lost Faust acknowledgement was restored so the partition's commits could advance (stream/faust_acks.py).",

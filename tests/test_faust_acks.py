@@ -12,101 +12,99 @@ from intervaltree import IntervalTree
 from stream import faust_acks
 
 POSTS = TP("posts", 1)
-OTHER = TP("posts", 0)
+
+faust_acks.install()
 
 
-def consumer(acked: list[int], committed: int | None, read: int | None, unacked: tuple = ()) -> SimpleNamespace:
+def consumer(acked: list[int], committed: int | None, processed: range | list[int] = ()) -> SimpleNamespace:
     fake = SimpleNamespace(
         _acked=defaultdict(list),
         _acked_index=defaultdict(set),
         _committed_offset=defaultdict(lambda: None),
         _read_offset=defaultdict(lambda: None),
         _gap=defaultdict(IntervalTree),
-        _unacked_messages=[SimpleNamespace(tp=tp, offset=offset) for tp, offset in unacked],
+        _unacked_messages=set(),
+        _n_acked=0,
+        _waiting_for_ack=None,
+        app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True)),
     )
     fake._acked[POSTS] = list(acked)
     fake._acked_index[POSTS] = set(acked)
     fake._committed_offset[POSTS] = committed
-    fake._read_offset[POSTS] = read
+    fake._profilestream_processed = {POSTS: set(processed)}
     return fake
 
 
 def test_lost_head_restored():
-    fake = consumer(list(range(1373, 1400)), committed=1341, read=2765)
+    # A commit failed but was recorded, then a seek moved the committed offset back to 1341.
+    fake = consumer(list(range(1373, 1400)), committed=1341, processed=range(1341, 1400))
     assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair(restored=32)
-    assert fake._committed_offset[POSTS] == 1373
-    assert fake._acked[POSTS] == list(range(1373, 1400))
-    assert fake._acked_index[POSTS] == set(range(1373, 1400))
+    assert fake._acked[POSTS] == list(range(1341, 1400))
+    assert fake._acked_index[POSTS] == set(range(1341, 1400))
 
 
-def test_pending_record_below_first_ack_blocks_the_repair():
-    fake = consumer([1373, 1374], committed=1341, read=2765, unacked=((POSTS, 1350),))
-    assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair(blocked=True)
-    assert fake._acked[POSTS] == [1373, 1374]
+def test_installed_new_offset_commits_past_lost_acknowledgements():
+    fake = consumer(list(range(1373, 1400)), committed=1341, processed=range(1341, 1400))
+    assert Consumer._new_offset(fake, POSTS) == 1400
 
 
-def test_pending_record_of_another_partition_does_not_block():
-    fake = consumer([1373], committed=1341, read=1400, unacked=((OTHER, 5),))
-    assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair(restored=32)
+def test_unprocessed_gap_blocks_commit():
+    # Records in the gap may still wait in a stream buffer: nothing may be committed.
+    fake = consumer(list(range(1373, 1400)), committed=1341, processed=range(1373, 1400))
+    assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair()
+    assert Consumer._new_offset(fake, POSTS) is None
 
 
-def test_gap_not_read_past_kept():
-    # After a seek back to the committed offset, the records in the gap are delivered again.
-    fake = consumer([1373, 1374], committed=1341, read=1341)
-    assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair(blocked=True)
-    assert fake._acked[POSTS] == [1373, 1374]
+def test_partly_processed_gap_blocks_commit():
+    processed = [offset for offset in range(1341, 1400) if offset != 1350]
+    fake = consumer(list(range(1373, 1400)), committed=1341, processed=processed)
+    assert Consumer._new_offset(fake, POSTS) is None
 
 
 def test_offsets_below_committed_and_duplicates_are_dropped():
-    fake = consumer([1363, 1364, 1364, 1365, 1365, 1366], committed=1364, read=1366)
+    fake = consumer([1363, 1364, 1364, 1365, 1365, 1366], committed=1364)
     assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair()
     assert fake._acked[POSTS] == [1364, 1365, 1366]
 
 
-def test_uncommitted_partition_counts_from_zero():
-    fake = consumer([0, 1, 1, 2], committed=None, read=2)
+def test_processed_offsets_pruned_below_committed():
+    fake = consumer([1400], committed=1390, processed=range(1300, 1401))
+    faust_acks.repair_acknowledgements(fake, POSTS)
+    assert fake._profilestream_processed[POSTS] == set(range(1390, 1401))
+
+
+def test_uncommitted_partition_left_to_faust():
+    fake = consumer([7, 3, 3], committed=None, processed=range(0, 8))
     assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair()
-    assert fake._acked[POSTS] == [0, 1, 2]
+    assert fake._acked[POSTS] == [7, 3, 3]
 
 
-def test_uncommitted_partition_blocked_by_pending_records():
-    # After a rebalance: offset 45 was acknowledged while 2 to 44 wait to be processed again.
-    pending = tuple((POSTS, offset) for offset in range(2, 45))
-    fake = consumer(list(range(45, 50)), committed=None, read=49, unacked=pending)
-    assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair(blocked=True)
-    assert Consumer._new_offset(fake, POSTS) is None
+class FakeMessage:
+    def __init__(self, offset: int) -> None:
+        self.acked = False
+        self.tp = POSTS
+        self.offset = offset
+        self.topic = POSTS.topic
 
 
-def test_uncommitted_partition_not_read_since_seek_blocked():
-    fake = consumer(list(range(45, 50)), committed=None, read=None)
-    assert Consumer._new_offset(fake, POSTS) is None
+def test_ack_records_processed_offset():
+    fake = consumer([], committed=10)
+    message = FakeMessage(12)
+    assert Consumer.ack(fake, message) is True
+    assert fake._profilestream_processed[POSTS] == {12}
+    assert fake._acked[POSTS] == [12]
 
 
-faust_acks.install()
-
-
-def test_installed_new_offset_commits_past_lost_acknowledgements():
-    faust_acks.install()  # a second call must not wrap twice
-    fake = consumer(list(range(1373, 1400)), committed=1341, read=2765)
-    assert Consumer._new_offset(fake, POSTS) == 1400
+def test_ack_below_committed_still_recorded():
+    # Faust rejects it (its committed offset ran ahead), but the record was processed.
+    fake = consumer([], committed=20)
+    message = FakeMessage(12)
+    assert Consumer.ack(fake, message) is False
+    assert fake._profilestream_processed[POSTS] == {12}
 
 
 def test_original_new_offset_stays_stuck_on_lost_acknowledgements():
     # The defect the repair exists for: without it, the partition never commits again.
     original = getattr(Consumer, "_profilestream_original_new_offset")
-    fake = consumer(list(range(1373, 1400)), committed=1341, read=2765)
+    fake = consumer(list(range(1373, 1400)), committed=1341)
     assert original(fake, POSTS) is None
-
-
-def test_original_new_offset_commits_past_pending_records():
-    # The other defect: with no committed offset, Faust commits past records still pending.
-    original = getattr(Consumer, "_profilestream_original_new_offset")
-    pending = tuple((POSTS, offset) for offset in range(2, 45))
-    fake = consumer(list(range(45, 50)), committed=None, read=49, unacked=pending)
-    assert original(fake, POSTS) == 50
-
-
-def test_far_head_gap_restored_without_listing_offsets():
-    fake = consumer([10**12, 10**12 + 1], committed=None, read=10**12 + 1)
-    assert faust_acks.repair_acknowledgements(fake, POSTS) == faust_acks.Repair(restored=10**12)
-    assert Consumer._new_offset(fake, POSTS) == 10**12 + 2
