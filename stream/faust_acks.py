@@ -64,8 +64,8 @@ def repair_acknowledgements(consumer: Consumer, tp) -> Repair:
     restored = 0
     if offsets and offsets[0] > committed:
         first = offsets[0]
-        # Every missing offset must have been acknowledged by this process before; the
-        # length check keeps the loop bounded when the gap is larger than that record.
+        # Every missing offset must have been acknowledged by this process before. The length
+        # check keeps the loop bounded when the gap is larger than that record.
         if first - committed <= len(processed) and all(offset in processed for offset in range(committed, first)):
             restored = first - committed
             offsets = list(range(committed, first)) + offsets
@@ -80,8 +80,8 @@ def _seek_back_if_skipped(consumer: Consumer, tp, committed: int, offsets: list[
 
     After a seek, Faust drops records delivered again below its read offset, so records in
     the gap may never reach a stream. When the gap stays for `SKIPPED_GAP_CHECKS` commit
-    attempts while the partition was read past it, the seek delivers them again; the ones
-    processed already are duplicates that change nothing.
+    attempts while the partition was read past it, the seek delivers them again. The ones
+    processed already arrive as duplicates that change nothing.
     """
     gaps = consumer.__dict__.setdefault("_profilestream_gap_checks", {})
     read = consumer._read_offset[tp]
@@ -95,7 +95,11 @@ def _seek_back_if_skipped(consumer: Consumer, tp, committed: int, offsets: list[
     metrics.SKIPPED_GAP_SEEKS.inc()
     logger.warning("consumer.seek_skipped_gap topic=%s partition=%s committed=%s first_acked=%s read=%s",
                    tp.topic, tp.partition, committed, offsets[0], read)
-    asyncio.ensure_future(consumer.seek(tp, committed))
+    # The event loop keeps only a weak reference to a task, so the consumer keeps one until it ends.
+    seeks = consumer.__dict__.setdefault("_profilestream_seeks", set())
+    task = asyncio.ensure_future(consumer.seek(tp, committed))
+    seeks.add(task)
+    task.add_done_callback(seeks.discard)
 
 
 def install() -> None:

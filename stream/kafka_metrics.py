@@ -155,7 +155,7 @@ class ConsumerMonitor(Service):
         """Exit the process when partitions stayed stalled for PROFILESTREAM_WATCHDOG_EXIT_AFTER_S.
 
         A stalled consumer may not finish a graceful shutdown, so the process exits at once
-        with code 3 and commits nothing; its supervisor restarts it, and the new worker
+        with code 3 and commits nothing. Its supervisor restarts it, and the new worker
         resumes from the last commit.
         """
         exit_after_s = self.settings.watchdog_exit_after_s

@@ -102,8 +102,8 @@ async def test_topic_matches_postgres(rebalanced_run):
 
 # NOTE: fails in some runs on faust-streaming 0.15.3. After the rebalance, a regenerate
 # partition with no committed offset yet can be committed past requests that Faust's consumer
-# dropped as already read (it drops records a seek delivers again below its read offset), so
-# their versions never reach Postgres or the topic. stream/faust_acks.py repairs only
+# dropped as already read. Faust drops records that a seek delivers again below its read
+# offset, so those versions never reach Postgres or the topic. stream/faust_acks.py repairs only
 # partitions that have a committed offset. The user states stay exact in every run.
 @pytest.mark.xfail(reason="Faust may skip regeneration requests of an uncommitted partition in a rebalance", strict=False)
 async def test_latest_versions_reach_postgres(rebalanced_run):
