@@ -6,28 +6,12 @@ import orjson
 from prometheus_client import REGISTRY
 
 from handlers import state as user_state
-from handlers.errors import InvalidRecord
 from stream.ingest import IngestStage
 from stream.records import Record
 from stream.settings import load_settings
+from tests.test_ingest_erasure import RecordingEmitter
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
-
-
-class RecordingEmitter:
-    def __init__(self) -> None:
-        self.dead_letters: list[tuple[Record, InvalidRecord]] = []
-        self.regenerations: list[tuple[str, dict]] = []
-
-    async def dead_letter(self, record: Record, error: InvalidRecord) -> None:
-        self.dead_letters.append((record, error))
-
-    async def audience(self, user_id: str, message: dict) -> None: ...
-
-    async def regenerate(self, user_id: str, request: dict) -> None:
-        self.regenerations.append((user_id, request))
-
-    async def post_index(self, post_id: str, message: dict) -> None: ...
 
 
 def stamp(at: datetime) -> str:
