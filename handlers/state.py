@@ -16,8 +16,11 @@ Ordering rules:
   float rounding and top-K pruning);
 - an event older than the window span (7 days before the user's latest event) still counts
   in totals and interests but no longer in the hourly windows;
-- duplicate event ids change nothing. Once the dedup set is full, an event older than its
-  oldest id cannot be checked, so it is dropped as `beyond_dedup_horizon`;
+- duplicate event ids change nothing. Once the dedup set is full, its oldest ids are evicted
+  and an event older than the newest evicted id of the same source (own posts, likes or
+  follows, engagement received, liked topics) cannot be checked, so it is dropped as
+  `beyond_dedup_horizon`. Each source comes from one topic, so a catch-up that reads one topic
+  far ahead of another drops events of the slower one only where that topic is out of time order;
 - counts are signed sums (an unfollow subtracts one even when its follow has not arrived yet),
   so they commute; readers clamp them at zero.
 A user_deleted event replaces the state with an erasure marker; handlers.erasure has the rules.
@@ -47,6 +50,9 @@ DEFAULT_HALF_LIFE_S = 30 * 24 * 3600.0
 SHORT_HALF_LIFE_S = 7 * 24 * 3600.0
 # A like is weaker evidence of interest than writing about the topic.
 LIKED_TOPIC_FACTOR = 0.5
+
+# Sources of dedup keys. Each is read from one topic, so its events arrive roughly in time order.
+DEDUP_SOURCES = frozenset({"post", "like", "follow", "like_received", "followed", "liked_topics"})
 
 # Column order of each hourly bucket.
 COUNTERS = ("posts", "replies", "likes_given", "likes_received", "follows_gained", "follows_lost")
@@ -84,7 +90,7 @@ def new_state(user_id: str) -> dict[str, Any]:
         "interests": {},
         "recent_posts": [],
         "seen": {},
-        "seen_floor": None,
+        "seen_floors": {},
         "profile": {"version": 0, "at": None, "events_applied": 0, "interests": {}, "topics": [], "totals": {}, "followers": 0},
     }
 
@@ -93,7 +99,7 @@ def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HA
                short_half_life_s: float = SHORT_HALF_LIFE_S, signals: list[TopicSignal] | None = None) -> ApplyResult:
     """Apply a post; `signals` are its topics when the caller has extracted them already."""
     at = event.created_at.timestamp()
-    result = _admit(state, event.event_id, at)
+    result = _admit(state, f"post:{event.event_id}", at, legacy_id=event.event_id)
     if not result.applied:
         return result
     is_reply = event.reply_to_post_id is not None
@@ -113,7 +119,7 @@ def apply_post(state: dict, event: PostEvent, *, half_life_s: float = DEFAULT_HA
 
 def apply_like(state: dict, event: LikeEvent) -> ApplyResult:
     at = event.created_at.timestamp()
-    result = _admit(state, event.event_id, at)
+    result = _admit(state, f"like:{event.event_id}", at, legacy_id=event.event_id)
     if not result.applied:
         return result
     # The liked post's topics arrive later through the post index (apply_liked_topics).
@@ -124,7 +130,7 @@ def apply_like(state: dict, event: LikeEvent) -> ApplyResult:
 
 def apply_follow(state: dict, event: FollowEvent) -> ApplyResult:
     at = event.created_at.timestamp()
-    result = _admit(state, event.event_id, at)
+    result = _admit(state, f"follow:{event.event_id}", at, legacy_id=event.event_id)
     if not result.applied:
         return result
     step = 1 if event.action == "follow" else -1
@@ -218,23 +224,40 @@ def top_interests(state: dict, limit: int) -> list[tuple[str, float, list[str]]]
     return [(topic, entry[0], [event_id for _, event_id in reversed(entry[2])]) for topic, entry in entries]
 
 
-def _admit(state: dict, event_id: str, at: float) -> ApplyResult:
+def _admit(state: dict, key: str, at: float, *, legacy_id: str | None = None) -> ApplyResult:
+    """Record `key` (its source, a colon, the event id) in the dedup set, or return why it was not.
+
+    `legacy_id` is the key of the same event in states written before keys named a source.
+    """
     seen = state["seen"]
-    if event_id in seen:
+    if key in seen or (legacy_id is not None and legacy_id in seen):
         return DUPLICATE
-    floor = state["seen_floor"]
-    if floor is not None and at < floor:
+    if at < _dedup_floor(state, key):
         return TOO_OLD
-    seen[event_id] = at
+    seen[key] = at
     if len(seen) > MAX_SEEN_EVENTS + SEEN_EVICTION_BATCH:
         # Evicting in batches keeps the cost per event constant instead of a scan per event.
         ordered = sorted(seen.items(), key=lambda item: (item[1], item[0]))
-        evicted = ordered[: len(seen) - MAX_SEEN_EVENTS]
-        for key, _ in evicted:
-            del seen[key]
-        state["seen_floor"] = evicted[-1][1]
+        floors = state.setdefault("seen_floors", {})
+        for evicted, evicted_at in ordered[: len(seen) - MAX_SEEN_EVENTS]:
+            del seen[evicted]
+            source = _source(evicted)
+            floors[source] = max(evicted_at, floors.get(source, evicted_at))
     state["events_applied"] += 1
     return APPLIED
+
+
+def _source(key: str) -> str:
+    """Return the source part of a dedup key, or "" for a key from an older state."""
+    source, _, _ = key.partition(":")
+    return source if source in DEDUP_SOURCES else ""
+
+
+def _dedup_floor(state: dict, key: str) -> float:
+    """Return the event time below which `key` may have been evicted from the dedup set."""
+    floors = state.get("seen_floors", {})
+    candidates = [floors.get(_source(key)), floors.get(""), state.get("seen_floor")]
+    return max((floor for floor in candidates if floor is not None), default=-math.inf)
 
 
 def _touch(state: dict, at: float) -> None:

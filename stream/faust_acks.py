@@ -18,9 +18,17 @@ before it:
   effects were then flushed by the producer before this commit, so committing past them loses
   nothing. Any other gap is left to Faust, which commits nothing for that partition.
 
-A partition with no committed offset is left to Faust unchanged. There faust-streaming also
-drops records that a seek after a rebalance delivers again below its read offset, so the
-repair could not tell processed records from lost ones.
+A partition whose committed offset is 0 or missing needs more. faust-streaming reads an
+offset of 0 as "nothing committed" (`if offset else None`), and aiokafka's
+`seek_to_committed` does not move such a partition back. `_new_offset` then commits the first
+run of acknowledged offsets with no head-gap check. So records that Faust fetched and dropped
+during a rebalance were not delivered again, and a commit past them lost them. `install()`
+therefore also wraps `perform_seek`, which seeks every such partition to its earliest offset
+and takes that offset as its committed offset. The head-gap rule above then applies to it too.
+
+The new-offset step rejects any head gap, including the one-offset gap Faust lets through,
+unless Faust recorded offsets missing from the fetched records (`_gap`). The topics the
+worker consumes use the delete policy without transactions, so their offsets are contiguous.
 
 Reprocessing is harmless here: the state table's per-user dedup set turns a record applied
 twice into a no-op, and profile versions are written idempotently.
@@ -33,13 +41,17 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from faust.transport.consumer import Consumer
+from aiokafka.errors import IllegalStateError, KafkaError
+from faust.transport.consumer import Consumer, ThreadDelegateConsumer
+from faust.types import TP
 
 from . import metrics
 
 logger = logging.getLogger(__name__)
 
 _ORIGINAL_ATTRIBUTE = "_profilestream_original_new_offset"
+# Attribute name of the broker's committed offsets, left by seek_to_committed for perform_seek.
+_BROKER_COMMITTED = "_profilestream_broker_committed"
 # Commit attempts (about 2.8 s apart) a head gap may stay before the partition is sought back.
 SKIPPED_GAP_CHECKS = 3
 
@@ -97,9 +109,23 @@ def _seek_back_if_skipped(consumer: Consumer, tp, committed: int, offsets: list[
                    tp.topic, tp.partition, committed, offsets[0], read)
     # The event loop keeps only a weak reference to a task, so the consumer keeps one until it ends.
     seeks = consumer.__dict__.setdefault("_profilestream_seeks", set())
-    task = asyncio.ensure_future(consumer.seek(tp, committed))
+    task = asyncio.ensure_future(_rewind(consumer, tp, committed))
     seeks.add(task)
     task.add_done_callback(seeks.discard)
+
+
+async def _rewind(consumer: Consumer, tp, committed: int) -> None:
+    """Seek `tp` back to `committed`, or move the committed offset up to the log start.
+
+    When retention deleted the records of the gap, nothing is left to deliver there.
+    """
+    earliest = (await consumer.earliest_offsets(tp)).get(tp)
+    if earliest is not None and earliest > committed:
+        logger.warning("consumer.gap_deleted topic=%s partition=%s committed=%s earliest=%s",
+                       tp.topic, tp.partition, committed, earliest)
+        consumer._committed_offset[tp] = earliest
+        return
+    await consumer.seek(tp, committed)
 
 
 def install() -> None:
@@ -108,6 +134,8 @@ def install() -> None:
         return
     original: Callable = Consumer._new_offset
     original_ack: Callable = Consumer.ack
+    original_seek: Callable = Consumer.perform_seek
+    original_seek_to_committed: Callable = ThreadDelegateConsumer.seek_to_committed
 
     def ack(self: Consumer, message) -> bool:
         newly_acked = not message.acked
@@ -124,11 +152,65 @@ def install() -> None:
                 "consumer.acks_restored topic=%s partition=%s offsets=%d committed=%s",
                 tp.topic, tp.partition, repair.restored, self._committed_offset[tp],
             )
+        if has_head_gap(self, tp):
+            return None
         return original(self, tp)
+
+    async def seek_to_committed(self: ThreadDelegateConsumer):
+        offsets = await original_seek_to_committed(self)
+        self.__dict__[_BROKER_COMMITTED] = dict(offsets)
+        return offsets
+
+    async def perform_seek(self: Consumer) -> None:
+        await original_seek(self)
+        await seek_uncommitted(self)
 
     setattr(Consumer, _ORIGINAL_ATTRIBUTE, original)
     Consumer._new_offset = new_offset
     Consumer.ack = ack
+    Consumer.perform_seek = perform_seek
+    ThreadDelegateConsumer.seek_to_committed = seek_to_committed
+
+
+def has_head_gap(consumer: Consumer, tp) -> bool:
+    """True when the first acknowledged offset of `tp` lies above its committed offset.
+
+    Faust's own gap tracking (offsets absent from the fetched records) is left to Faust.
+    """
+    acked = consumer._acked[tp]
+    committed = consumer._committed_offset[tp]
+    if not acked or committed is None or consumer._gap.get(tp):
+        return False
+    return min(acked) > committed
+
+
+async def seek_uncommitted(consumer: Consumer) -> None:
+    """Seek each acknowledged partition with no committed offset (or 0) to its earliest offset.
+
+    The earliest offset becomes the partition's committed offset, so the head-gap rule applies
+    from the first commit on. Runs after Faust's `perform_seek`, which skipped these.
+    """
+    acks_enabled_for = consumer.app.topics.acks_enabled_for
+    broker_committed = consumer.__dict__.pop(_BROKER_COMMITTED, {})
+    uncommitted = [TP(tp.topic, tp.partition) for tp, offset in broker_committed.items()
+                   if (offset is None or offset <= 0) and acks_enabled_for(tp.topic)]
+    if not uncommitted:
+        return
+    try:
+        earliest = await consumer.earliest_offsets(*uncommitted)
+        for tp in uncommitted:
+            floor = earliest.get(tp)
+            if floor is None:
+                continue
+            await consumer._seek(tp, floor)
+            consumer._committed_offset[tp] = floor
+            consumer._read_offset[tp] = floor or None
+    except (KafkaError, IllegalStateError) as error:
+        # A rebalance started meanwhile; the next assignment seeks again.
+        logger.warning("consumer.uncommitted_seek_failed error=%r", error)
+        return
+    logger.info("consumer.uncommitted_sought partitions=%s",
+                ",".join(f"{tp.topic}:{tp.partition}@{earliest.get(tp)}" for tp in sorted(uncommitted)))
 
 
 def _processed(consumer: Consumer, tp) -> set[int]:

@@ -69,7 +69,7 @@ def test_newer_event_recreates_user():
     value = apply_all([post(1, 1), deletion(5), post(2, 6)])
     assert erasure.is_live(value)
     assert value["events_applied"] == 1
-    assert list(value["seen"]) == ["e2"]
+    assert list(value["seen"]) == ["post:e2"]
     assert value["profile"]["version"] == 0
     assert erasure.marker_of(value)["deleted_at"] == stamp(5)
 
@@ -77,7 +77,7 @@ def test_newer_event_recreates_user():
 def test_recreated_user_still_drops_old_events():
     value = apply_all([post(1, 1), deletion(5), post(2, 6), post(3, 2)])
     assert value["events_applied"] == 1
-    assert "e3" not in value["seen"]
+    assert "post:e3" not in value["seen"]
 
 
 def test_audience_record_never_recreates():
@@ -119,7 +119,7 @@ def test_late_deletion_keeps_user_present_but_empty():
     assert value["recent_posts"] == []
     replayed = apply_all([post(1, 1), post(2, 9)], value)
     assert replayed["events_applied"] == 1
-    assert list(replayed["seen"]) == ["e2"]
+    assert list(replayed["seen"]) == ["post:e2"]
 
 
 def test_marker_survives_json_round_trip():
@@ -223,4 +223,4 @@ def test_full_replay_converges(history, replay_order):
     assert erasure.is_live(value) == bool(after)
     if after:
         assert value["totals"]["posts"] == len(after)
-        assert set(value["seen"]) == {event.event_id for event in after}
+        assert set(value["seen"]) == {f"post:{event.event_id}" for event in after}

@@ -56,7 +56,7 @@ async def test_like_a_day_ahead_then_ten_likes():
     assert user_state.window_counts(state, 24)["likes_given"] == 10
     assert user_state.window_counts(state, 1)["likes_given"] == 1
     assert state["last_seen"] == (NOW - timedelta(hours=1)).timestamp()
-    assert "u1:l0" not in state["seen"]
+    assert "like:u1:l0" not in state["seen"]
 
 
 async def test_far_future_like_in_same_batch_moves_nothing():

@@ -108,3 +108,61 @@ def test_original_new_offset_stays_stuck_on_lost_acknowledgements():
     original = getattr(Consumer, "_profilestream_original_new_offset")
     fake = consumer(list(range(1373, 1400)), committed=1341)
     assert original(fake, POSTS) is None
+
+
+def test_head_gap_above_zero_blocks_commit():
+    # Faust reads a committed offset of 0 as none and would commit 5..9, skipping 0..4.
+    fake = consumer(list(range(5, 10)), committed=0)
+    assert original_new_offset(consumer(list(range(5, 10)), committed=0), POSTS) == 10
+    assert Consumer._new_offset(fake, POSTS) is None
+
+
+def test_one_offset_head_gap_blocks_commit():
+    # Faust lets a gap of exactly one offset through, but that record may still wait in a buffer.
+    fake = consumer(list(range(42, 50)), committed=41)
+    assert original_new_offset(consumer(list(range(42, 50)), committed=41), POSTS) == 50
+    assert Consumer._new_offset(fake, POSTS) is None
+
+
+def test_contiguous_acknowledgements_commit_from_zero():
+    fake = consumer(list(range(0, 10)), committed=0)
+    assert Consumer._new_offset(fake, POSTS) == 10
+
+
+def test_fetched_offset_gaps_left_to_faust():
+    fake = consumer(list(range(45, 50)), committed=41)
+    fake._gap[POSTS].addi(41, 45)
+    assert Consumer._new_offset(fake, POSTS) == 50
+
+
+def original_new_offset(fake, tp):
+    return getattr(Consumer, "_profilestream_original_new_offset")(fake, tp)
+
+
+class SeekingConsumer(SimpleNamespace):
+    """Records the seeks `seek_uncommitted` makes; offsets as a broker would report them."""
+
+    async def earliest_offsets(self, *partitions):
+        return {tp: self.log_start[tp] for tp in partitions}
+
+    async def _seek(self, tp, offset):
+        self.seeks[tp] = offset
+
+
+REGENERATE = TP("regenerate", 0)
+CHANGELOG = TP("state-changelog", 0)
+
+
+async def test_uncommitted_partitions_sought_to_earliest():
+    fake = consumer([], committed=None)
+    seeking = SeekingConsumer(**vars(fake), seeks={}, log_start={POSTS: 0, REGENERATE: 7, CHANGELOG: 0})
+    seeking.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: topic != CHANGELOG.topic))
+    seeking._profilestream_broker_committed = {POSTS: 0, REGENERATE: None, CHANGELOG: None, TP("likes", 0): 12}
+    await faust_acks.seek_uncommitted(seeking)
+    assert seeking.seeks == {POSTS: 0, REGENERATE: 7}
+    assert seeking._committed_offset[POSTS] == 0
+    assert seeking._committed_offset[REGENERATE] == 7
+    assert seeking._committed_offset[CHANGELOG] is None
+    # The next commit of the partition needs offset 0 acknowledged first.
+    seeking._acked[POSTS] = [3, 4]
+    assert Consumer._new_offset(seeking, POSTS) is None

@@ -9,7 +9,6 @@ input topic), so those counts follow from the replayed file alone.
 
 from __future__ import annotations
 
-import pytest
 import pytest_asyncio
 
 from stream.replay import replay
@@ -100,12 +99,6 @@ async def test_topic_matches_postgres(rebalanced_run):
     check_topic_matches_postgres(rebalanced_run["stored"], rebalanced_run["topic"])
 
 
-# NOTE: fails in some runs on faust-streaming 0.15.3. After the rebalance, a regenerate
-# partition with no committed offset yet can be committed past requests that Faust's consumer
-# dropped as already read. Faust drops records that a seek delivers again below its read
-# offset, so those versions never reach Postgres or the topic. stream/faust_acks.py repairs only
-# partitions that have a committed offset. The user states stay exact in every run.
-@pytest.mark.xfail(reason="Faust may skip regeneration requests of an uncommitted partition in a rebalance", strict=False)
 async def test_latest_versions_reach_postgres(rebalanced_run):
     decided = {user_id: state["profile"]["version"] for user_id, state in rebalanced_run["states"].items()
                if state["profile"]["version"] > 0}

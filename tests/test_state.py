@@ -114,6 +114,37 @@ def test_dedup_horizon_drops_older_events():
     assert len(state["seen"]) <= user_state.MAX_SEEN_EVENTS + user_state.SEEN_EVICTION_BATCH
 
 
+def test_dedup_horizon_per_source():
+    # A catch-up reads the likes topic far ahead of the posts topic: the older posts still count.
+    full = user_state.MAX_SEEN_EVENTS + user_state.SEEN_EVICTION_BATCH + 1
+    likes = [LikeEvent(f"l{n}", "u1", f"q{n}", "u2", T0 + timedelta(days=400, minutes=n)) for n in range(full)]
+    posts = [make_post(n, hours=n / 10) for n in range(full)]
+    state = apply_all(likes + posts)
+    assert state["totals"]["posts"] == full
+    assert state["totals"]["likes_given"] == full
+    assert len(state["seen"]) <= full
+
+
+def test_evicted_duplicate_not_counted_twice():
+    full = user_state.MAX_SEEN_EVENTS + user_state.SEEN_EVICTION_BATCH + 1
+    likes = [LikeEvent(f"l{n}", "u1", f"q{n}", "u2", T0 + timedelta(days=400, minutes=n)) for n in range(full)]
+    state = apply_all([make_post(0)] + likes)
+    result = user_state.apply_like(state, likes[0])
+    assert result.outcome == "beyond_dedup_horizon"
+    assert state["totals"]["likes_given"] == full
+
+
+def test_older_state_keys_still_deduplicate():
+    # States written before dedup keys named their source contain bare event ids and one floor.
+    state = apply_all([make_post(1, hours=5)])
+    state["seen"] = {"e1": state["seen"].pop("post:e1")}
+    state["seen_floor"] = (T0 + timedelta(hours=2)).timestamp()
+    del state["seen_floors"]
+    assert user_state.apply_post(state, make_post(1, hours=5)).outcome == "duplicate"
+    assert user_state.apply_post(state, make_post(2, hours=1)).outcome == "beyond_dedup_horizon"
+    assert user_state.apply_post(state, make_post(3, hours=6)).outcome == "applied"
+
+
 def test_state_size_bounded_for_heavy_user():
     rng = random.Random(7)
     posts = [make_post(n, hours=n / 3, tags=(f"t{rng.randrange(500)}", f"t{rng.randrange(500)}"),
