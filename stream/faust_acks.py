@@ -26,9 +26,12 @@ during a rebalance were not delivered again, and a commit past them lost them. `
 therefore also wraps `perform_seek`, which seeks every such partition to its earliest offset
 and takes that offset as its committed offset. The head-gap rule above then applies to it too.
 
-The new-offset step rejects any head gap, including the one-offset gap Faust lets through,
-unless Faust recorded offsets missing from the fetched records (`_gap`). The topics the
-worker consumes use the delete policy without transactions, so their offsets are contiguous.
+The new-offset step rejects any head gap, including the one-offset gap Faust lets through.
+The topics the worker consumes use the delete policy without transactions, so their offsets
+are contiguous. A jump in the offsets Faust fetched therefore means Faust dropped fetched
+records, and `_add_gap`, which would count them as done, only logs it. `ReadOffsets` keeps
+Faust's fetch loop from moving a partition's read offset past a pending seek, because Faust
+drops the records the seek delivers again below that offset.
 
 Reprocessing is harmless here: the state table's per-user dedup set turns a record applied
 twice into a no-op, and profile versions are written idempotently.
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -125,7 +129,47 @@ async def _rewind(consumer: Consumer, tp, committed: int) -> None:
                        tp.topic, tp.partition, committed, earliest)
         consumer._committed_offset[tp] = earliest
         return
-    await consumer.seek(tp, committed)
+    await consumer._seek(tp, committed)
+    _mark_rewind(consumer, tp, committed)
+
+
+class ReadOffsets(defaultdict):
+    """Faust's read offset per partition, kept from moving past a pending seek.
+
+    Faust's fetch loop sets a partition's read offset after each record it delivers, also for
+    records fetched before a seek, and then drops the records the seek delivers again below
+    it. After `rewind(tp, offset)`, a later offset is ignored until the record at `offset`
+    itself arrives.
+    """
+
+    def __init__(self, offsets=None) -> None:
+        super().__init__(lambda: None, offsets or {})
+        self.rewinds: dict = {}
+
+    def rewind(self, tp, offset: int) -> None:
+        self.rewinds[tp] = offset
+        # Faust stores a read offset of 0 as None.
+        super().__setitem__(tp, offset or None)
+
+    def __setitem__(self, tp, value) -> None:
+        target = self.rewinds.get(tp)
+        if target is not None:
+            if value is not None and value > target:
+                return
+            del self.rewinds[tp]
+        super().__setitem__(tp, value)
+
+    def pop(self, tp, *default):
+        self.rewinds.pop(tp, None)
+        return super().pop(tp, *default)
+
+
+def _mark_rewind(consumer: Consumer, tp, offset: int) -> None:
+    offsets = consumer._read_offset
+    if isinstance(offsets, ReadOffsets):
+        offsets.rewind(tp, offset)
+    else:
+        offsets[tp] = offset or None
 
 
 def install() -> None:
@@ -136,6 +180,7 @@ def install() -> None:
     original_ack: Callable = Consumer.ack
     original_seek: Callable = Consumer.perform_seek
     original_seek_to_committed: Callable = ThreadDelegateConsumer.seek_to_committed
+    original_init: Callable = Consumer.__init__
 
     def ack(self: Consumer, message) -> bool:
         newly_acked = not message.acked
@@ -156,6 +201,13 @@ def install() -> None:
             return None
         return original(self, tp)
 
+    async def add_gap(self: Consumer, tp, offset_from: int, offset_to: int) -> None:
+        # Faust counts offsets missing from the fetched records as done. The topics the worker
+        # consumes have contiguous offsets, so such a gap means Faust dropped fetched records.
+        metrics.FETCH_GAPS.inc()
+        logger.warning("consumer.fetch_gap topic=%s partition=%s from=%s to=%s",
+                       tp.topic, tp.partition, offset_from, offset_to)
+
     async def seek_to_committed(self: ThreadDelegateConsumer):
         offsets = await original_seek_to_committed(self)
         self.__dict__[_BROKER_COMMITTED] = dict(offsets)
@@ -163,23 +215,29 @@ def install() -> None:
 
     async def perform_seek(self: Consumer) -> None:
         await original_seek(self)
+        for tp, offset in self.__dict__.get(_BROKER_COMMITTED, {}).items():
+            if offset is not None and offset > 0:
+                _mark_rewind(self, TP(tp.topic, tp.partition), offset)
         await seek_uncommitted(self)
+
+    def init(self: Consumer, *args, **kwargs) -> None:
+        original_init(self, *args, **kwargs)
+        self._read_offset = ReadOffsets(self._read_offset)
 
     setattr(Consumer, _ORIGINAL_ATTRIBUTE, original)
     Consumer._new_offset = new_offset
     Consumer.ack = ack
     Consumer.perform_seek = perform_seek
+    Consumer._add_gap = add_gap
+    Consumer.__init__ = init
     ThreadDelegateConsumer.seek_to_committed = seek_to_committed
 
 
 def has_head_gap(consumer: Consumer, tp) -> bool:
-    """True when the first acknowledged offset of `tp` lies above its committed offset.
-
-    Faust's own gap tracking (offsets absent from the fetched records) is left to Faust.
-    """
+    """Return True when the first acknowledged offset of `tp` lies above its committed offset."""
     acked = consumer._acked[tp]
     committed = consumer._committed_offset[tp]
-    if not acked or committed is None or consumer._gap.get(tp):
+    if not acked or committed is None:
         return False
     return min(acked) > committed
 
@@ -204,7 +262,7 @@ async def seek_uncommitted(consumer: Consumer) -> None:
                 continue
             await consumer._seek(tp, floor)
             consumer._committed_offset[tp] = floor
-            consumer._read_offset[tp] = floor or None
+            _mark_rewind(consumer, tp, floor)
     except (KafkaError, IllegalStateError) as error:
         # A rebalance started meanwhile; the next assignment seeks again.
         logger.warning("consumer.uncommitted_seek_failed error=%r", error)

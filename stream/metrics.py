@@ -43,6 +43,10 @@ SKIPPED_GAP_SEEKS = Counter(
     "profilestream_consumer_gap_seeks",
     "Seeks of an input partition back to its committed offset because Faust skipped records below its read offset (stream/faust_acks.py).",
 )
+FETCH_GAPS = Counter(
+    "profilestream_consumer_fetch_gaps",
+    "Jumps in the offsets Faust fetched for an input partition: records it dropped, delivered again by a seek (stream/faust_acks.py).",
+)
 ACKS_RESTORED = Counter(
     "profilestream_consumer_acks_restored",
     "Input offsets whose lost Faust acknowledgement was restored so the partition's commits could advance (stream/faust_acks.py).",
