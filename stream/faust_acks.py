@@ -31,7 +31,8 @@ The topics the worker consumes use the delete policy without transactions, so th
 are contiguous. A jump in the offsets Faust fetched therefore means Faust dropped fetched
 records, and `_add_gap`, which would count them as done, only logs it. `ReadOffsets` keeps
 Faust's fetch loop from moving a partition's read offset past a pending seek, because Faust
-drops the records the seek delivers again below that offset.
+drops the records the seek delivers again below that offset. Records fetched before the seek
+are skipped until its target record arrives, so the partition is delivered in offset order.
 
 Reprocessing is harmless here: the state table's per-user dedup set turns a record applied
 twice into a no-op, and profile versions are written idempotently.
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +56,8 @@ from . import metrics
 logger = logging.getLogger(__name__)
 
 _ORIGINAL_ATTRIBUTE = "_profilestream_original_new_offset"
+# Seconds a pending seek may wait for its target record before records after it are delivered.
+REWIND_TIMEOUT_S = 30.0
 # Attribute name of the broker's committed offsets, left by seek_to_committed for perform_seek.
 _BROKER_COMMITTED = "_profilestream_broker_committed"
 # Commit attempts (about 2.8 s apart) a head gap may stay before the partition is sought back.
@@ -142,14 +146,33 @@ class ReadOffsets(defaultdict):
     itself arrives.
     """
 
-    def __init__(self, offsets=None) -> None:
+    def __init__(self, offsets=None, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(lambda: None, offsets or {})
         self.rewinds: dict = {}
+        self._rewound_at: dict = {}
+        self._clock = clock
 
     def rewind(self, tp, offset: int) -> None:
         self.rewinds[tp] = offset
+        self._rewound_at[tp] = self._clock()
         # Faust stores a read offset of 0 as None.
         super().__setitem__(tp, offset or None)
+
+    def is_stale(self, tp, offset: int) -> bool:
+        """Return True for a record fetched before a pending seek of its partition.
+
+        The seek delivers it again in order. A seek whose target record has not arrived after
+        `REWIND_TIMEOUT_S` stops filtering, so a failed seek cannot stop the partition.
+        """
+        target = self.rewinds.get(tp)
+        if target is None or offset <= target:
+            return False
+        if self._clock() - self._rewound_at.get(tp, 0.0) > REWIND_TIMEOUT_S:
+            logger.warning("consumer.rewind_timed_out topic=%s partition=%s target=%s offset=%s",
+                           tp.topic, tp.partition, target, offset)
+            del self.rewinds[tp]
+            return False
+        return True
 
     def __setitem__(self, tp, value) -> None:
         target = self.rewinds.get(tp)
@@ -222,7 +245,17 @@ def install() -> None:
 
     def init(self: Consumer, *args, **kwargs) -> None:
         original_init(self, *args, **kwargs)
-        self._read_offset = ReadOffsets(self._read_offset)
+        read_offsets = ReadOffsets(self._read_offset)
+        self._read_offset = read_offsets
+        deliver = self.callback
+
+        async def deliver_fresh(message) -> None:
+            if read_offsets.is_stale(message.tp, message.offset):
+                metrics.STALE_RECORDS_SKIPPED.inc()
+                return
+            await deliver(message)
+
+        self.callback = deliver_fresh
 
     setattr(Consumer, _ORIGINAL_ATTRIBUTE, original)
     Consumer._new_offset = new_offset

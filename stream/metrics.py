@@ -47,6 +47,10 @@ FETCH_GAPS = Counter(
     "profilestream_consumer_fetch_gaps",
     "Jumps in the offsets Faust fetched for an input partition: records it dropped, delivered again by a seek (stream/faust_acks.py).",
 )
+STALE_RECORDS_SKIPPED = Counter(
+    "profilestream_consumer_stale_records_skipped",
+    "Input records Faust fetched before a seek of their partition, skipped because the seek delivers them again in order (stream/faust_acks.py).",
+)
 ACKS_RESTORED = Counter(
     "profilestream_consumer_acks_restored",
     "Input offsets whose lost Faust acknowledgement was restored so the partition's commits could advance (stream/faust_acks.py).",

@@ -49,6 +49,18 @@ async def group_lag(settings: Settings) -> tuple[int, int]:
         await admin.close()
 
 
+async def group_lag_when_ready(settings: Settings, *, timeout_s: float = 30.0, poll_s: float = 0.5) -> tuple[int, int]:
+    """Return `group_lag(settings)`, retrying retriable errors such as a group coordinator still loading."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await group_lag(settings)
+        except KafkaError as error:
+            if not error.retriable or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(poll_s)
+
+
 async def wait_until_caught_up(settings: Settings, *, timeout_s: float, quiet_polls: int = 3, poll_s: float = 1.0,
                                on_poll=None) -> int:
     """Wait until the group's lag is zero for `quiet_polls` polls in a row; return the committed count.

@@ -27,7 +27,7 @@ import time
 import pytest
 import pytest_asyncio
 
-from stream.progress import group_lag
+from stream.progress import group_lag_when_ready
 from stream.replay import replay
 from stream.worker import prepare
 from tests.delivery_checks import (
@@ -109,7 +109,7 @@ async def killed_run(settings, workdir, posts_path, posts_count: int, rng: rando
                 kinds.append(await kill_at_random_point(worker, rng))
             finally:
                 worker.stop()
-            lag_at_kill.append((await group_lag(settings))[0])
+            lag_at_kill.append((await group_lag_when_ready(settings))[0])
         await replaying
     finally:
         replaying.cancel()

@@ -206,3 +206,27 @@ def test_app_consumer_read_offsets_guarded():
     # Creating the consumer opens no connection, so the address is never contacted.
     app = faust.App("faust-acks-test", broker="kafka://127.0.0.1:9")
     assert isinstance(app.consumer._read_offset, faust_acks.ReadOffsets)
+
+
+def test_records_before_seek_target_stale():
+    offsets = faust_acks.ReadOffsets(clock=lambda: 100.0)
+    offsets.rewind(POSTS, 1344)
+    assert offsets.is_stale(POSTS, 1527)
+    assert not offsets.is_stale(POSTS, 1344)
+    assert not offsets.is_stale(TP("posts", 0), 1527)
+
+
+def test_target_arrival_ends_filtering():
+    offsets = faust_acks.ReadOffsets(clock=lambda: 100.0)
+    offsets.rewind(POSTS, 1344)
+    offsets[POSTS] = 1344
+    assert not offsets.is_stale(POSTS, 1345)
+
+
+def test_filtering_stops_after_timeout():
+    now = [100.0]
+    offsets = faust_acks.ReadOffsets(clock=lambda: now[0])
+    offsets.rewind(POSTS, 1344)
+    now[0] += faust_acks.REWIND_TIMEOUT_S + 1
+    assert not offsets.is_stale(POSTS, 1527)
+    assert POSTS not in offsets.rewinds

@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 
 from handlers.sinks.postgres import migrate
 from stream.demo import bundled_data_path
-from stream.progress import group_lag, wait_until_caught_up
+from stream.progress import group_lag, group_lag_when_ready, wait_until_caught_up
 from stream.replay import replay
 from stream.services.kafka import KafkaBroker
 from stream.services.postgres import PostgresCluster
@@ -144,7 +144,7 @@ async def test_broker_restart_mid_replay(fresh_database, tmp_path):
         try:
             await wait_for(lambda: _committed_at_least(settings, len(lines) // 4), worker, 180,
                            "a quarter of the input committed")
-            lag_before, committed_before = await group_lag(settings)
+            lag_before, committed_before = await group_lag_when_ready(settings)
             broker.stop_server()
             await sleep_alive(worker, BROKER_OUTAGE_S)
             broker.start_server()

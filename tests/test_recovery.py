@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import uuid
 
-import pytest
 import pytest_asyncio
 
 from handlers.sinks.postgres import PostgresSink
@@ -93,22 +92,12 @@ async def runs(kafka_bootstrap, postgres_dsn, tmp_path_factory):
     }
 
 
-# NOTE: faust-streaming 0.15.3 sometimes skips records of a restarted worker's partition (it
-# drops records a seek delivers again below its read offset). stream/faust_acks.py then seeks
-# the partition back, so every event is still applied once, but the skipped records arrive
-# after later ones of the same users, and the decisions, hence versions and weights, can
-# differ from a clean run's. Those two checks are expected failures until that is avoided.
-_SKIPPED_RECORDS = pytest.mark.xfail(reason="Faust can deliver a restarted partition out of order", strict=False)
-
-
-@_SKIPPED_RECORDS
 async def test_restart_gives_same_versions(runs):
     clean = {user: profile["version"] for user, profile in runs["clean"].items()}
     restarted = {user: profile["version"] for user, profile in runs["restarted"].items()}
     assert restarted == clean
 
 
-@_SKIPPED_RECORDS
 async def test_restart_gives_same_interests(runs):
     for user, profile in runs["clean"].items():
         expected = [(item["topic"], item["weight"]) for item in profile["interests"]]
