@@ -161,4 +161,4 @@ def _print_report(profiles: list[dict], settings: Settings, sent: int, progress:
     print(f"Stored in Postgres at {settings.postgres_dsn.get_secret_value()} (tables profiles_current and"
           f" profiles_history) and on the compacted topic {settings.topic_profiles!r} at"
           f" {settings.kafka_bootstrap_servers}. Both are removed when the demo exits unless --keep-running is given;"
-          f" then try: PROFILESTREAM_POSTGRES_DSN={settings.postgres_dsn.get_secret_value()} profilestream profiles --top 3")
+          f" then try: PROFILESTREAM_POSTGRES_DSN={settings.postgres_dsn.get_secret_value()} .venv/bin/profilestream profiles --top 3")
