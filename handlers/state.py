@@ -51,7 +51,8 @@ SHORT_HALF_LIFE_S = 7 * 24 * 3600.0
 # A like is weaker evidence of interest than writing about the topic.
 LIKED_TOPIC_FACTOR = 0.5
 
-# Sources of dedup keys. Each is read from one topic, so its events arrive roughly in time order.
+# Sources of dedup keys, each from one topic. Each source keeps its own eviction floor, so a topic
+# read far ahead of another does not move the other's floor.
 DEDUP_SOURCES = frozenset({"post", "like", "follow", "like_received", "followed", "liked_topics"})
 
 # Column order of each hourly bucket.

@@ -196,7 +196,10 @@ def _mark_rewind(consumer: Consumer, tp, offset: int) -> None:
 
 
 def install() -> None:
-    """Wrap `Consumer.ack` and `Consumer._new_offset` once per process. Later calls do nothing."""
+    """Wrap Faust's consumer bookkeeping (acks, next offset, seeks, gaps, read offsets) once per process.
+
+    Later calls do nothing.
+    """
     if hasattr(Consumer, _ORIGINAL_ATTRIBUTE):
         return
     original: Callable = Consumer._new_offset
@@ -238,10 +241,11 @@ def install() -> None:
 
     async def perform_seek(self: Consumer) -> None:
         await original_seek(self)
-        for tp, offset in self.__dict__.get(_BROKER_COMMITTED, {}).items():
+        broker_committed = self.__dict__.pop(_BROKER_COMMITTED, {})
+        for tp, offset in broker_committed.items():
             if offset is not None and offset > 0:
                 _mark_rewind(self, TP(tp.topic, tp.partition), offset)
-        await seek_uncommitted(self)
+        await seek_uncommitted(self, broker_committed)
 
     def init(self: Consumer, *args, **kwargs) -> None:
         original_init(self, *args, **kwargs)
@@ -275,14 +279,14 @@ def has_head_gap(consumer: Consumer, tp) -> bool:
     return min(acked) > committed
 
 
-async def seek_uncommitted(consumer: Consumer) -> None:
+async def seek_uncommitted(consumer: Consumer, broker_committed: dict) -> None:
     """Seek each acknowledged partition with no committed offset (or 0) to its earliest offset.
 
-    The earliest offset becomes the partition's committed offset, so the head-gap rule applies
+    `broker_committed` maps partitions to the committed offsets the broker returned. The
+    earliest offset becomes the partition's committed offset, so the head-gap rule applies
     from the first commit on. Runs after Faust's `perform_seek`, which skipped these.
     """
     acks_enabled_for = consumer.app.topics.acks_enabled_for
-    broker_committed = consumer.__dict__.pop(_BROKER_COMMITTED, {})
     uncommitted = [TP(tp.topic, tp.partition) for tp, offset in broker_committed.items()
                    if (offset is None or offset <= 0) and acks_enabled_for(tp.topic)]
     if not uncommitted:
@@ -297,8 +301,9 @@ async def seek_uncommitted(consumer: Consumer) -> None:
             consumer._committed_offset[tp] = floor
             _mark_rewind(consumer, tp, floor)
     except (KafkaError, IllegalStateError) as error:
-        # A rebalance started meanwhile; the next assignment seeks again.
-        logger.warning("consumer.uncommitted_seek_failed error=%r", error)
+        # Usually a rebalance started meanwhile. The next assignment seeks these partitions again.
+        logger.warning("consumer.uncommitted_seek_failed partitions=%s error=%r",
+                       ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(uncommitted)), error)
         return
     logger.info("consumer.uncommitted_sought partitions=%s",
                 ",".join(f"{tp.topic}:{tp.partition}@{earliest.get(tp)}" for tp in sorted(uncommitted)))

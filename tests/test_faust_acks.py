@@ -160,8 +160,8 @@ async def test_uncommitted_partitions_sought_to_earliest():
     fake = consumer([], committed=None)
     seeking = SeekingConsumer(**vars(fake), seeks={}, log_start={POSTS: 0, REGENERATE: 7, CHANGELOG: 0})
     seeking.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: topic != CHANGELOG.topic))
-    seeking._profilestream_broker_committed = {POSTS: 0, REGENERATE: None, CHANGELOG: None, TP("likes", 0): 12}
-    await faust_acks.seek_uncommitted(seeking)
+    broker_committed = {POSTS: 0, REGENERATE: None, CHANGELOG: None, TP("likes", 0): 12}
+    await faust_acks.seek_uncommitted(seeking, broker_committed)
     assert seeking.seeks == {POSTS: 0, REGENERATE: 7}
     assert seeking._committed_offset[POSTS] == 0
     assert seeking._committed_offset[REGENERATE] == 7
