@@ -187,6 +187,22 @@ class ReadOffsets(defaultdict):
         return super().pop(tp, *default)
 
 
+async def _resume(consumer: Consumer, tp, offset: int, *, sought: bool = True) -> None:
+    """Continue `tp` from `offset`, or after the records from `offset` on this process processed.
+
+    Records processed before a seek are not delivered again, so a restart reprocesses no more
+    than the records its predecessor left uncommitted. `sought` is True when the consumer is
+    already positioned at `offset`.
+    """
+    processed = _processed(consumer, tp)
+    target = offset
+    while target in processed:
+        target += 1
+    if target != offset or not sought:
+        await consumer._seek(tp, target)
+    _mark_rewind(consumer, tp, target)
+
+
 def _mark_rewind(consumer: Consumer, tp, offset: int) -> None:
     offsets = consumer._read_offset
     if isinstance(offsets, ReadOffsets):
@@ -244,7 +260,7 @@ def install() -> None:
         broker_committed = self.__dict__.pop(_BROKER_COMMITTED, {})
         for tp, offset in broker_committed.items():
             if offset is not None and offset > 0:
-                _mark_rewind(self, TP(tp.topic, tp.partition), offset)
+                await _resume(self, TP(tp.topic, tp.partition), offset)
         await seek_uncommitted(self, broker_committed)
 
     def init(self: Consumer, *args, **kwargs) -> None:
@@ -297,9 +313,8 @@ async def seek_uncommitted(consumer: Consumer, broker_committed: dict) -> None:
             floor = earliest.get(tp)
             if floor is None:
                 continue
-            await consumer._seek(tp, floor)
             consumer._committed_offset[tp] = floor
-            _mark_rewind(consumer, tp, floor)
+            await _resume(consumer, tp, floor, sought=False)
     except (KafkaError, IllegalStateError) as error:
         # Usually a rebalance started meanwhile. The next assignment seeks these partitions again.
         logger.warning("consumer.uncommitted_seek_failed partitions=%s error=%r",

@@ -230,3 +230,12 @@ def test_filtering_stops_after_timeout():
     now[0] += faust_acks.REWIND_TIMEOUT_S + 1
     assert not offsets.is_stale(POSTS, 1527)
     assert POSTS not in offsets.rewinds
+
+
+async def test_seek_skips_offsets_processed_before():
+    # Records this process handled before the seek are not delivered a second time.
+    fake = consumer([], committed=None, processed=[0, 1, 2, 5])
+    seeking = SeekingConsumer(**vars(fake), seeks={}, log_start={POSTS: 0})
+    await faust_acks.seek_uncommitted(seeking, {POSTS: 0})
+    assert seeking.seeks == {POSTS: 3}
+    assert seeking._committed_offset[POSTS] == 0
