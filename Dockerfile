@@ -15,12 +15,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/venv
 
-# Dependencies first, from pyproject.toml alone, so that a source change reuses this layer.
-COPY pyproject.toml README.md ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
-    && /opt/venv/bin/pip install --requirement /tmp/requirements.txt
+# Dependencies first, from requirements.lock alone, so that a source change reuses this layer.
+# The lock pins every runtime dependency, transitive ones included, with the sha256 of each
+# file, and deploy/README.md gives the command that regenerates it. --no-deps keeps pip from
+# resolving anything beyond the lock.
+# NOTE: pip's build isolation still fetches setuptools, the build backend of jieba (an sdist
+# only) and of the project wheel, at its newest release and without a hash check.
+COPY requirements.lock ./
+RUN /opt/venv/bin/pip install --require-hashes --no-deps --requirement requirements.lock
 
+COPY pyproject.toml README.md ./
 COPY stream ./stream
 COPY handlers ./handlers
 COPY schemas ./schemas
@@ -36,7 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PROFILESTREAM_HTTP_HOST=0.0.0.0 \
     PROFILESTREAM_HTTP_PORT=6066 \
-    PROFILESTREAM_DATA_DIR=/var/lib/profilestream
+    PROFILESTREAM_DATA_DIR=/var/lib/profilestream \
+    PROFILESTREAM_LOG_FORMAT=json
 
 # A fixed numeric uid lets Kubernetes check runAsNonRoot without reading /etc/passwd.
 RUN groupadd --system --gid 10001 profilestream \
@@ -51,10 +56,13 @@ USER 10001:10001
 WORKDIR /var/lib/profilestream
 EXPOSE 6066
 
-# The worker creates topics and applies migrations before it serves /metrics, hence the long
-# start period. Slim images have no curl, so Python's urllib fetches the page. A non-2xx status
-# or a refused connection raises and fails the check.
+# Liveness, as in the Kubernetes liveness probe: /healthz responds while the worker's event loop
+# runs. /readyz would mark a rebalancing worker, or one of more workers than partitions,
+# unhealthy. The worker creates the topics before it starts the HTTP server, hence the long
+# start period. The Postgres migration runs after the server starts, so it does not delay the
+# check. Slim images have no curl, so Python's urllib fetches the page. A non-2xx status or a
+# refused connection raises and fails the check.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=90s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PROFILESTREAM_HTTP_PORT', '6066') + '/metrics', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PROFILESTREAM_HTTP_PORT', '6066') + '/healthz', timeout=4)"]
 
 CMD ["profilestream", "worker"]
