@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from typing import Protocol
 
 import orjson
@@ -36,6 +37,15 @@ class ProfileSinkLike(Protocol):
     async def erase(self, user_id: str) -> None: ...
 
 
+_rate_limits: weakref.WeakSet[GenerationRateLimit] = weakref.WeakSet()
+
+
+def refresh_generation_budget_gauge() -> None:
+    """Refresh the gauge of every live GenerationRateLimit, so an idle worker shows its refilled budget."""
+    for rate_limit in list(_rate_limits):
+        rate_limit.refresh_gauge()
+
+
 class GenerationRateLimit:
     """A token bucket of `per_minute` generations; `acquire` waits for a token (0 = no limit)."""
 
@@ -45,20 +55,30 @@ class GenerationRateLimit:
         self._tokens = float(per_minute)
         self._updated = clock()
         metrics.BUDGET_REMAINING.set(per_minute if per_minute > 0 else -1)
+        _rate_limits.add(self)
 
     def wait_s(self) -> float:
         """Take a token if one is free and return 0, else return the seconds until one is."""
         if self._per_minute <= 0:
             return 0.0
-        now = self._clock()
-        self._tokens = min(float(self._per_minute), self._tokens + (now - self._updated) * self._per_minute / 60.0)
-        self._updated = now
+        self._refill()
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             metrics.BUDGET_REMAINING.set(int(self._tokens))
             return 0.0
         metrics.BUDGET_REMAINING.set(0)
         return (1.0 - self._tokens) * 60.0 / self._per_minute
+
+    def refresh_gauge(self) -> None:
+        """Add the tokens earned since the last call and set the remaining-budget gauge."""
+        if self._per_minute > 0:
+            self._refill()
+            metrics.BUDGET_REMAINING.set(int(self._tokens))
+
+    def _refill(self) -> None:
+        now = self._clock()
+        self._tokens = min(float(self._per_minute), self._tokens + (now - self._updated) * self._per_minute / 60.0)
+        self._updated = now
 
     async def acquire(self) -> None:
         while (delay_s := self.wait_s()) > 0:

@@ -94,7 +94,7 @@ COALESCED = Counter(
 )
 BUDGET_REMAINING = Gauge(
     "profilestream_generation_budget_remaining",
-    "Generations this worker may start now under PROFILESTREAM_GENERATION_BUDGET_PER_MINUTE (the token bucket's whole tokens); -1 when no budget is set.",
+    "Generations this worker may start now under PROFILESTREAM_GENERATION_BUDGET_PER_MINUTE (the token bucket's whole tokens), set at each generation and every 5 s; -1 when no budget is set.",
     multiprocess_mode="livesum",
 )
 BUDGET_WAITS = Counter(

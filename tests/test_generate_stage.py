@@ -1,11 +1,13 @@
 """The generation stage: coalescing per user and the generations-per-minute budget."""
 
 import asyncio
+import weakref
 
 import orjson
 
 from handlers.errors import InvalidRecord
-from stream.generate import GenerationStage, GenerationRateLimit
+from stream import generate, metrics
+from stream.generate import GenerationStage, GenerationRateLimit, refresh_generation_budget_gauge
 from stream.records import Record
 
 
@@ -56,6 +58,20 @@ def test_budget_refills_over_time():
     assert waits[:60] == [0.0] * 60
     assert waits[60] > 0
     now[0] += 1.0
+    assert budget.wait_s() == 0.0
+
+
+def test_budget_gauge_refills_while_idle(monkeypatch):
+    # Only this test's budget may set the process-wide gauge.
+    monkeypatch.setattr(generate, "_rate_limits", weakref.WeakSet())
+    now = [0.0]
+    budget = GenerationRateLimit(60, clock=lambda: now[0])
+    for _ in range(60):
+        budget.wait_s()
+    assert metrics.BUDGET_REMAINING._value.get() == 0
+    now[0] += 30.0
+    refresh_generation_budget_gauge()
+    assert metrics.BUDGET_REMAINING._value.get() == 30
     assert budget.wait_s() == 0.0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import json
+import math
 import signal
 import subprocess
 import sys
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry, Gauge, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.generation.telemetry import LLMTelemetry
@@ -183,3 +185,147 @@ def test_every_gauge_declares_live_mode():
     assert len(gauges) >= 8
     for gauge in gauges:
         assert gauge._multiprocess_mode.startswith("live"), f"{gauge._name} keeps dead processes' values"
+
+
+# A worker's LLM generation wiring as stream/app.py builds it: a ProfileGenerator over an
+# LLMGenerator with a Budget, and a CircuitBreaker, aimed at a stub endpoint that the process
+# serves itself. Both clocks are manual. After each step the process prints one JSON line
+# with the step name and the budget's own view, then waits for a line on stdin.
+LLM_WORKER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio
+    import dataclasses
+    import json
+    import sys
+
+    from handlers.generation.budget import Budget
+    from handlers.generation.circuit import CircuitBreaker
+    from handlers.generation.llm import LLMGenerator
+    from handlers.generation.service import ProfileGenerator
+    from stream.health import WorkerStatus
+    from stream.kafka_metrics import ConsumerMonitor
+    from stream.multiprocess_metrics import mark_dead_at_exit
+    from stream.settings import load_settings
+    from stream.watchdog import Watchdog
+    from tests import llm_stub as stub
+    from tests.llm_stub import TEST_API_KEY, LLMStub, build_test_request
+
+
+    class ManualClock:
+        def __init__(self, now):
+            self.now = now
+
+        def __call__(self):
+            return self.now
+
+
+    async def main():
+        mark_dead_at_exit()
+        server = LLMStub()
+        await server.start()
+        circuit_clock = ManualClock(1000.0)
+        budget_clock = ManualClock(1_700_000_000.0)
+        budget = Budget(requests_per_minute=5, tokens_per_minute=100_000, clock=budget_clock)
+        llm = LLMGenerator(base_url=server.base_url, api_key=TEST_API_KEY, model="stub-model", language="en",
+                           max_retries=0, budget=budget)
+        circuit = CircuitBreaker(failure_threshold=5, cooldown_s=30.0, clock=circuit_clock)
+        generator = ProfileGenerator(language="en", llm=llm, circuit=circuit)
+
+        async def step(name):
+            print(json.dumps({"step": name, "remaining": dataclasses.asdict(budget.remaining())}), flush=True)
+            await asyncio.to_thread(sys.stdin.readline)
+
+        await step("started")
+        server.script(stub.quota_exhausted())
+        await generator.generate(build_test_request(user_id="user-1"))
+        await step("circuit_opened")
+        circuit_clock.now += 31.0
+        probe = circuit.acquire()
+        await step("circuit_half_open")
+        circuit.release(probe)
+        await generator.generate(build_test_request(user_id="user-2"))
+        await step("probe_succeeded")
+        budget_clock.now += 61.0
+        # The consumer monitor's periodic poll. Without assigned partitions it sends no broker request.
+        await ConsumerMonitor(load_settings(app_id="multiprocess-gauges"), WorkerStatus(), Watchdog(60.0)).poll()
+        await step("window_rolled_over")
+        await generator.close()
+        await server.close()
+
+
+    asyncio.run(main())
+    """
+)
+LLM_STEPS = ("started", "circuit_opened", "circuit_half_open", "probe_succeeded", "window_rolled_over")
+
+
+def merged_samples(folder: Path) -> dict[tuple[str, tuple], float]:
+    """Render the merged view of `folder` as /metrics does and return {(sample name, sorted labels): value}."""
+    text = generate_latest(scrape_registry()).decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def run_llm_worker(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, dict[str, tuple[dict, dict]]]:
+    """Run LLM_WORKER_SCRIPT and return its pid and, per step, the budget it printed and the merged samples."""
+    monkeypatch.setenv(MULTIPROC_DIR_VARIABLE, str(folder))
+    env = {**os.environ, MULTIPROC_DIR_VARIABLE: str(folder)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", LLM_WORKER_SCRIPT],
+        cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    steps = {}
+    try:
+        for expected in LLM_STEPS:
+            line = process.stdout.readline()
+            if not line:
+                process.kill()
+                _, stderr = process.communicate(timeout=EXIT_TIMEOUT_S)
+                raise AssertionError(f"LLM worker process stopped before step {expected}; stderr:\n{stderr}")
+            printed = json.loads(line)
+            assert printed["step"] == expected
+            steps[expected] = (printed["remaining"], merged_samples(folder))
+            process.stdin.write("\n")
+            process.stdin.flush()
+        _, stderr = process.communicate(timeout=EXIT_TIMEOUT_S)
+        assert process.returncode == 0, stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=EXIT_TIMEOUT_S)
+    return process.pid, steps
+
+
+def test_circuit_state_reaches_merged_view(tmp_path, monkeypatch):
+    _, steps = run_llm_worker(tmp_path, monkeypatch)
+
+    circuit = "profilestream_llm_circuit_state"
+    assert value(steps["started"][1], circuit, model=MODEL) == 0
+    assert value(steps["circuit_opened"][1], circuit, model=MODEL) == 2
+    assert value(steps["circuit_half_open"][1], circuit, model=MODEL) == 1
+    assert value(steps["probe_succeeded"][1], circuit, model=MODEL) == 0
+
+
+def test_budget_gauges_reach_merged_view(tmp_path, monkeypatch):
+    pid, steps = run_llm_worker(tmp_path, monkeypatch)
+
+    labels = {"model": MODEL, "pid": str(pid)}
+    requests = "profilestream_llm_budget_requests_minute_remaining"
+    tokens_minute = "profilestream_llm_budget_tokens_minute_remaining"
+    tokens_day = "profilestream_llm_budget_tokens_day_remaining"
+    day_limit = "profilestream_llm_budget_tokens_day_limit"
+    for name, (remaining, samples) in steps.items():
+        assert value(samples, requests, **labels) == remaining["requests_this_minute"], name
+        assert value(samples, tokens_minute, **labels) == remaining["tokens_this_minute"], name
+        assert value(samples, tokens_day, **labels) == math.inf, name
+        assert value(samples, day_limit, **labels) == math.inf, name
+
+    # Two calls reached the endpoint and used two requests of the minute window. The monitor's poll then showed it rolled over.
+    assert steps["started"][0]["requests_this_minute"] == 5
+    assert steps["probe_succeeded"][0]["requests_this_minute"] == 3
+    assert steps["probe_succeeded"][0]["tokens_this_minute"] < 100_000
+    assert steps["window_rolled_over"][0] == {"requests_this_minute": 5, "tokens_this_minute": 100_000, "tokens_today": math.inf}

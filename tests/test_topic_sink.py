@@ -151,6 +151,35 @@ async def test_sink_rejects_profile_that_cannot_fit():
     assert recorder.records == []
 
 
+def versions_published() -> float:
+    value = REGISTRY.get_sample_value("profilestream_profile_versions_published_total")
+    assert value is not None, "profilestream_profile_versions_published_total has no sample"
+    return value
+
+
+async def test_published_versions_counted():
+    profile = big_profile()
+    second = dict(profile, version=profile["version"] + 1)
+    trimmed = dict(profile, version=profile["version"] + 2)
+    before = versions_published()
+    await TopicSink(Recorder().send).write([profile, second])
+    await TopicSink(Recorder().send, max_record_bytes=len(orjson.dumps(profile)) // 3).write([trimmed])
+    assert versions_published() == before + 3
+
+
+async def test_tombstones_and_failures_not_counted():
+    async def failing_send(key: bytes, value: bytes | None, headers: list) -> None:
+        raise ConnectionError("broker unreachable")
+
+    before = versions_published()
+    await TopicSink(Recorder().send).erase("u1")
+    with pytest.raises(ProfileTooLarge):
+        await TopicSink(Recorder().send, max_record_bytes=RECORD_OVERHEAD_BYTES + 400).write([big_profile()])
+    with pytest.raises(ConnectionError):
+        await TopicSink(failing_send).write([big_profile()])
+    assert versions_published() == before
+
+
 def test_sink_limit_must_exceed_overhead():
     with pytest.raises(ValueError, match="max_record_bytes"):
         TopicSink(Recorder().send, max_record_bytes=RECORD_OVERHEAD_BYTES)

@@ -7,7 +7,7 @@ records the difference at the time of the reply, so an estimate that was too hig
 tokens and one that was too low uses more.
 
 The budget never waits: `try_acquire` returns False and the caller serves the request
-another way. A lock guards the state because a metrics scrape thread calls `remaining`.
+another way. A lock guards the state, so any thread may call `remaining`.
 """
 
 from __future__ import annotations
@@ -63,6 +63,14 @@ class Budget:
         self._tokens_in_window = 0
         self._day = -1
         self._tokens_on_day = 0
+        self._listeners: list[Callable[[BudgetRemaining], None]] = []
+
+    def add_listener(self, listener: Callable[[BudgetRemaining], None]) -> None:
+        """Call `listener` with what the budget allows after every `try_acquire` and `settle`, such as to set metrics.
+
+        The budget calls it outside its lock, in the thread that called `try_acquire` or `settle`.
+        """
+        self._listeners.append(listener)
 
     def try_acquire(self, estimated_tokens: int) -> bool:
         """Reserve one request and `estimated_tokens` tokens if every limit allows both.
@@ -73,16 +81,10 @@ class Budget:
         if estimated_tokens < 0:
             raise ValueError(f"estimated_tokens={estimated_tokens} is negative; pass the estimated prompt and reply tokens")
         with self._lock:
-            now = self._advance()
-            if self.requests_per_minute is not None and len(self._request_times) >= self.requests_per_minute:
-                return False
-            if self.tokens_per_minute is not None and self._minute_tokens() + estimated_tokens > self.tokens_per_minute:
-                return False
-            if self.tokens_per_day is not None and self._tokens_on_day + estimated_tokens > self.tokens_per_day:
-                return False
-            self._request_times.append(now)
-            self._add_tokens(now, estimated_tokens)
-            return True
+            admitted = self._reserve(estimated_tokens)
+            remaining = self._remaining()
+        self._notify(remaining)
+        return admitted
 
     def settle(self, estimated_tokens: int, actual_tokens: int) -> None:
         """Replace a reservation's estimate with the usage the endpoint reported.
@@ -95,16 +97,39 @@ class Budget:
         with self._lock:
             now = self._advance()
             self._add_tokens(now, actual_tokens - estimated_tokens)
+            remaining = self._remaining()
+        self._notify(remaining)
 
     def remaining(self) -> BudgetRemaining:
         """Return how many requests and tokens the limits still allow at this moment."""
         with self._lock:
             self._advance()
-            return BudgetRemaining(
-                requests_this_minute=_left(self.requests_per_minute, len(self._request_times)),
-                tokens_this_minute=_left(self.tokens_per_minute, self._minute_tokens()),
-                tokens_today=_left(self.tokens_per_day, self._tokens_on_day),
-            )
+            return self._remaining()
+
+    def _reserve(self, estimated_tokens: int) -> bool:
+        """Reserve as `try_acquire` does. The caller holds the lock."""
+        now = self._advance()
+        if self.requests_per_minute is not None and len(self._request_times) >= self.requests_per_minute:
+            return False
+        if self.tokens_per_minute is not None and self._minute_tokens() + estimated_tokens > self.tokens_per_minute:
+            return False
+        if self.tokens_per_day is not None and self._tokens_on_day + estimated_tokens > self.tokens_per_day:
+            return False
+        self._request_times.append(now)
+        self._add_tokens(now, estimated_tokens)
+        return True
+
+    def _remaining(self) -> BudgetRemaining:
+        """Return what the limits allow as of the last `_advance`. The caller holds the lock."""
+        return BudgetRemaining(
+            requests_this_minute=_left(self.requests_per_minute, len(self._request_times)),
+            tokens_this_minute=_left(self.tokens_per_minute, self._minute_tokens()),
+            tokens_today=_left(self.tokens_per_day, self._tokens_on_day),
+        )
+
+    def _notify(self, remaining: BudgetRemaining) -> None:
+        for listener in self._listeners:
+            listener(remaining)
 
     def _advance(self) -> float:
         """Drop window entries older than WINDOW_S, start a new day at UTC midnight, and return now."""

@@ -88,6 +88,11 @@ class CircuitBreaker:
         self._open_until = -math.inf
         self._opened_by: str | None = None
         self._probe: Permit | None = None
+        self._listeners: list[Callable[[CircuitState], None]] = []
+
+    def add_listener(self, listener: Callable[[CircuitState], None]) -> None:
+        """Call `listener` with the new state at every state change, such as to set a metric."""
+        self._listeners.append(listener)
 
     @property
     def state(self) -> CircuitState:
@@ -205,3 +210,5 @@ class CircuitBreaker:
         self._probe = None
         if state is CircuitState.CLOSED:
             self._failures = 0
+        for listener in self._listeners:
+            listener(state)

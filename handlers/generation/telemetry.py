@@ -3,6 +3,11 @@
 Labels take only the configured model name and fixed outcome codes, never a user id or
 free text. Production code shares `default_telemetry()`, registered once in the default
 registry. Tests build an LLMTelemetry with their own CollectorRegistry.
+
+The circuit and budget gauges get explicit `set` calls, never `Gauge.set_function`, because
+prometheus-client's multi-process mode (PROMETHEUS_MULTIPROC_DIR) exports only values
+written to its files, and a function's value never is. The documentation of
+prometheus-client (0.26) lists set_function among the gauge features that mode lacks.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ import math
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from .budget import Budget
-from .circuit import CircuitBreaker
+from .budget import Budget, BudgetRemaining
+from .circuit import CircuitBreaker, CircuitState
 
 LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
@@ -77,6 +82,9 @@ class LLMTelemetry:
             "Tokens the client-side budget allows per day (UTC), PROFILESTREAM_LLM_TOKENS_PER_DAY; +Inf without a limit.",
             ["model"], registry=registry, multiprocess_mode="liveall",
         )
+        # The objects whose state the gauges show, by model. Only the last one watched for a model sets them.
+        self._circuits: dict[str, CircuitBreaker] = {}
+        self._budgets: dict[str, Budget] = {}
 
     def record_call(self, model: str, outcome: str, seconds: float) -> None:
         """Count one call that reached the endpoint, with its final outcome ("ok" on success) and duration."""
@@ -95,19 +103,44 @@ class LLMTelemetry:
         self.fallbacks.labels(model, reason).inc()
 
     def watch_circuit(self, model: str, circuit: CircuitBreaker) -> None:
-        """Make the circuit state gauge of `model` read `circuit` at every scrape."""
-        self.circuit_state.labels(model).set_function(lambda: int(circuit.state))
+        """Set the circuit state gauge of `model` from `circuit` now and at each of its state changes.
+
+        An open circuit whose cool-down has ended reads 2 until the next call moves it to half-open.
+        """
+        self._circuits[model] = circuit
+        self.circuit_state.labels(model).set(int(circuit.state))
+
+        def on_state_change(state: CircuitState) -> None:
+            if self._circuits.get(model) is circuit:
+                self.circuit_state.labels(model).set(int(state))
+
+        circuit.add_listener(on_state_change)
 
     def watch_budget(self, model: str, budget: Budget) -> None:
-        """Make the budget gauges of `model` read `budget` at every scrape.
+        """Set the budget gauges of `model` from `budget` now and after each of its reservations and settlements.
 
-        Budget.remaining takes a lock, so the scrape thread of prometheus_client's HTTP
-        server may call it while the event loop uses the budget.
+        A window also rolls over with time alone, which only `refresh_budget_gauges` shows,
+        so a periodic task must call it. stream.kafka_metrics.ConsumerMonitor calls it at every poll.
         """
-        self.budget_requests_minute.labels(model).set_function(lambda: budget.remaining().requests_this_minute)
-        self.budget_tokens_minute.labels(model).set_function(lambda: budget.remaining().tokens_this_minute)
-        self.budget_tokens_day.labels(model).set_function(lambda: budget.remaining().tokens_today)
+        self._budgets[model] = budget
         self.budget_tokens_day_limit.labels(model).set(math.inf if budget.tokens_per_day is None else budget.tokens_per_day)
+        self._set_budget_gauges(model, budget.remaining())
+
+        def on_change(remaining: BudgetRemaining) -> None:
+            if self._budgets.get(model) is budget:
+                self._set_budget_gauges(model, remaining)
+
+        budget.add_listener(on_change)
+
+    def refresh_budget_gauges(self) -> None:
+        """Set the budget gauges of every watched model from its budget now, showing windows that rolled over."""
+        for model, budget in list(self._budgets.items()):
+            self._set_budget_gauges(model, budget.remaining())
+
+    def _set_budget_gauges(self, model: str, remaining: BudgetRemaining) -> None:
+        self.budget_requests_minute.labels(model).set(remaining.requests_this_minute)
+        self.budget_tokens_minute.labels(model).set(remaining.tokens_this_minute)
+        self.budget_tokens_day.labels(model).set(remaining.tokens_today)
 
 
 _default: LLMTelemetry | None = None
@@ -119,3 +152,9 @@ def default_telemetry() -> LLMTelemetry:
     if _default is None:
         _default = LLMTelemetry()
     return _default
+
+
+def refresh_default_budget_gauges() -> None:
+    """Run LLMTelemetry.refresh_budget_gauges on default_telemetry(), if a generator has created it."""
+    if _default is not None:
+        _default.refresh_budget_gauges()

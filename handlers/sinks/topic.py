@@ -39,6 +39,12 @@ TRIMMED = Counter(
 # Every step exports 0 from the start, so Prometheus has the series before the first trim.
 for _step in _ALL_STEPS.split(","):
     TRIMMED.labels(_step)
+VERSIONS_PUBLISHED = Counter(
+    "profilestream_profile_versions_published",
+    "Profile versions the topic sink published and the broker acknowledged, trimmed ones included and tombstones not."
+    " A version published again after a crash or batch retry between the topic and Postgres writes counts again,"
+    " as its second record on the topic does (docs/delivery.md).",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +80,7 @@ class TopicSink:
                 logger.warning("topic_sink.profile_trimmed user_id=%s version=%s steps=%s bytes=%s max_record_bytes=%s",
                                profile["user_id"], profile["version"], ",".join(steps), len(value), self.max_record_bytes)
             await self._send(key, value, headers)
+            VERSIONS_PUBLISHED.inc()
         return len(profiles)
 
     async def erase(self, user_id: str) -> None:
