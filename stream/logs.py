@@ -29,6 +29,9 @@ LIBRARY_LOGGERS = ("aiokafka", "faust", "mode", "asyncpg", "aiohttp", "openai", 
 REDACTED = "[redacted]"
 REPEAT_WINDOW_S = 60.0
 MAX_TRACKED_MESSAGES = 10_000
+# The erasure audit trail, logged by stream.ingest and stream.generate. An operator must be
+# able to count every line, so the repeat limit never drops them.
+AUDIT_EVENTS = frozenset({"user.erased", "user.erased_in_sinks", "sink.erase_rejected"})
 
 # The attributes every LogRecord has; anything else came in through `extra=`.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime",
@@ -120,23 +123,28 @@ class RepeatLimitFilter(logging.Filter):
 
     Windows are fixed and start at the first record of a key. The first record that passes
     after a window with dropped repeats carries their count in `record.suppressed`, so the
-    count of a message that stops repeating is never written.
+    count of a message that stops repeating is never written. Records whose event name (the
+    template up to the first space) is in `exempt_events` always pass.
     """
 
     def __init__(self, limit: int, *, window_s: float = REPEAT_WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, exempt_events: Iterable[str] = AUDIT_EVENTS) -> None:
         super().__init__()
         if limit < 1:
             raise ValueError(f"limit must be at least 1, got {limit}")
         self.limit = limit
         self.window_s = window_s
+        self.exempt_events = frozenset(exempt_events)
         self._clock = clock
         self._lock = threading.Lock()
         # key -> [window start, records passed in the window, records dropped in the window]
         self._windows: dict[tuple[str, str], list] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = (record.name, str(record.msg))
+        template = str(record.msg)
+        if template.split(" ", 1)[0] in self.exempt_events:
+            return True
+        key = (record.name, template)
         now = self._clock()
         with self._lock:
             window = self._windows.get(key)

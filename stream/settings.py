@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(45.0, gt=0, le=3600, allow_inf_nan=False, description="Seconds the worker may take to stop after SIGTERM or SIGINT; then it logs worker.shutdown_timed_out and exits with status 1, and records not committed yet are processed again after the restart. Keep it below the orchestrator's grace period (60 s in deploy/).")
     watchdog_exit_after_s: float = Field(0.0, ge=0, le=86400, allow_inf_nan=False, description="Seconds a stall reported by the watchdog may last before the worker exits with code 3 for its supervisor to restart it; 0 never exits.")
     log_format: Literal["console", "json"] = Field("console", description="Log line format: console (readable key=value lines) or json (one JSON object per line).")
-    log_repeats_per_minute: int = Field(10, ge=1, le=100_000, description="Identical log messages (same logger and message template) written per minute; later repeats are dropped and counted in the next line's suppressed field.")
+    log_repeats_per_minute: int = Field(10, ge=1, le=100_000, description="Identical log messages (same logger and message template) written per minute; later repeats are dropped and counted in the next line's suppressed field. The erasure audit events are never dropped.")
 
     http_host: str = Field("127.0.0.1", description="Address of the worker's HTTP server (/metrics, /healthz, /readyz).")
     http_port: int = Field(6066, ge=0, le=65535, description="Port of the worker's HTTP server (/metrics, /healthz, /readyz).")

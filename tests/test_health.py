@@ -8,23 +8,25 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
 from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndMetadata
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.health import NOT_ASSIGNED, RECOVERING, STALLED, WorkerStatus, readiness
 from stream.http_server import HttpServer
 from stream.importers import jsonl, stackexchange
-from stream.kafka_metrics import RebalanceTracker, input_partitions
+from stream.kafka_metrics import ConsumerMonitor, RebalanceTracker, input_partitions
 from stream.progress import consumed_topics, wait_until_caught_up
 from stream.replay import replay
 from stream.services.ports import free_port
-from stream.settings import ENV_PREFIX
+from stream.settings import ENV_PREFIX, load_settings
 from stream.watchdog import PartitionOffsets, Watchdog
 from stream.worker import prepare
 from tests.worker_harness import WorkerProcess, isolated_settings, settings_env
@@ -216,6 +218,177 @@ def test_rebalance_tracker_cycle():
     tracker.record_completed()
     assert status.recovered is True
     assert REGISTRY.get_sample_value("profilestream_kafka_rebalance_seconds_sum") - observed_before == 2.5
+
+
+# The consumer monitor: broker offsets to the watchdog, /readyz and /metrics
+
+
+class FakeOffsetReader:
+    """The broker reads of ConsumerMonitor: a consumer's end and beginning offsets and an admin's committed offsets."""
+
+    def __init__(self, group_id: str) -> None:
+        self.group_id = group_id
+        self.ends: dict[TopicPartition, int] = {}
+        self.committed: dict[TopicPartition, int] = {}
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {partition: self.ends[partition] for partition in partitions}
+
+    async def beginning_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {partition: 0 for partition in partitions}
+
+    async def list_consumer_group_offsets(self, group_id: str, partitions: list[TopicPartition] | None = None,
+                                          ) -> dict[TopicPartition, OffsetAndMetadata]:
+        assert group_id == self.group_id
+        # The broker returns offset -1 for a requested partition that the group has not committed.
+        return {partition: OffsetAndMetadata(self.committed.get(partition, -1), "") for partition in partitions or ()}
+
+
+@dataclass
+class Monitored:
+    """A ConsumerMonitor on fake broker offsets and a manual clock, with its status served by a real HttpServer."""
+
+    clock: ManualClock
+    offsets: FakeOffsetReader
+    tracker: RebalanceTracker
+    monitor: ConsumerMonitor
+    server: HttpServer
+
+    async def readyz(self) -> tuple[int, dict]:
+        status, _, body = await fetch(f"http://127.0.0.1:{self.server.port}/readyz")
+        return status, json.loads(body)
+
+    async def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """Return the value of one sample in the server's /metrics text, or None when it is absent."""
+        _, _, body = await fetch(f"http://127.0.0.1:{self.server.port}/metrics")
+        for family in text_string_to_metric_families(body):
+            for sample in family.samples:
+                if sample.name == name and sample.labels == (labels or {}):
+                    return sample.value
+        return None
+
+    def assign(self, *partitions: TopicPartition) -> None:
+        """Run one rebalance through the tracker's signal handlers, with a changelog partition among the assigned ones."""
+        assigned = {(partition.topic, partition.partition) for partition in partitions}
+        self.tracker.record_revoked(set())
+        self.tracker.record_assigned(assigned | {("profilestream-user-state-changelog", 0)})
+        self.tracker.record_completed()
+
+
+def stall_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records
+            if record.name == "stream.watchdog" and record.getMessage().startswith("watchdog.stalled")]
+
+
+@pytest_asyncio.fixture
+async def monitored(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="stream.watchdog")
+    clock = ManualClock()
+    settings = load_settings(watchdog_stall_s=STALL_S)
+    status = WorkerStatus()
+    offsets = FakeOffsetReader(settings.app_id)
+    monitor = ConsumerMonitor(settings, status, Watchdog(settings.watchdog_stall_s, clock=clock))
+
+    async def clients() -> tuple[FakeOffsetReader, FakeOffsetReader]:
+        return offsets, offsets
+
+    # The monitor reads offsets through the (admin, consumer) pair this returns, so _fetch runs unchanged.
+    monkeypatch.setattr(monitor, "_clients", clients)
+    server = HttpServer(status, "127.0.0.1", 0)
+    await server.start()
+    try:
+        yield Monitored(clock, offsets, RebalanceTracker(status, consumed_topics(settings), clock=clock), monitor, server)
+    finally:
+        # A poll without assigned partitions removes this test's lag series from the shared registry.
+        status.assigned_partitions = frozenset()
+        await monitor.poll()
+        await server.stop()
+
+
+async def stall_posts_0(monitored: Monitored) -> None:
+    """Assign posts:0 (lagging, committed offset 10) and posts:1 (caught up), and poll until posts:0 stalls."""
+    monitored.offsets.ends = {POSTS_0: 50, POSTS_1: 50}
+    monitored.offsets.committed = {POSTS_0: 10, POSTS_1: 50}
+    monitored.assign(POSTS_0, POSTS_1)
+    await monitored.monitor.poll()
+    monitored.clock.advance(STALL_S)
+    await monitored.monitor.poll()
+
+
+async def test_monitor_ready_before_stall_s(monitored):
+    monitored.offsets.ends = {POSTS_0: 50, POSTS_1: 50}
+    monitored.offsets.committed = {POSTS_0: 10, POSTS_1: 50}
+    monitored.assign(POSTS_0, POSTS_1)
+    await monitored.monitor.poll()
+    monitored.clock.advance(STALL_S - 1)
+    await monitored.monitor.poll()
+    status, document = await monitored.readyz()
+    assert status == 200
+    assert document["reasons"] == []
+    assert await monitored.metric("profilestream_kafka_stalled_partitions") == 0
+    assert await monitored.metric("profilestream_kafka_consumer_lag", {"topic": "posts", "partition": "0"}) == 40
+
+
+async def test_monitor_stall_fails_readiness(monitored):
+    await stall_posts_0(monitored)
+    status, document = await monitored.readyz()
+    assert status == 503
+    assert document["ready"] is False
+    assert document["reasons"] == [STALLED]
+    assert document["stalled_partitions"] == ["posts:0"]
+    assert await monitored.metric("profilestream_kafka_stalled_partitions") == 1
+    assert await monitored.metric("profilestream_kafka_committed_offset_age_seconds",
+                                  {"topic": "posts", "partition": "0"}) == STALL_S
+
+
+async def test_monitor_warns_once_per_stall(monitored, caplog):
+    await stall_posts_0(monitored)
+    for _ in range(3):
+        monitored.clock.advance(STALL_S)
+        await monitored.monitor.poll()
+    warnings = stall_warnings(caplog)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("watchdog.stalled topic=posts partition=0 lag=40 committed=10 ")
+    assert (await monitored.readyz())[1]["stalled_partitions"] == ["posts:0"]
+
+
+async def test_monitor_commit_restores_readiness(monitored, caplog):
+    await stall_posts_0(monitored)
+    monitored.offsets.committed[POSTS_0] = 20
+    monitored.clock.advance(5)
+    await monitored.monitor.poll()
+    status, document = await monitored.readyz()
+    assert status == 200
+    assert document["stalled_partitions"] == []
+    assert await monitored.metric("profilestream_kafka_stalled_partitions") == 0
+    assert any(record.getMessage().startswith("watchdog.resumed topic=posts partition=0") for record in caplog.records)
+
+    # The committed offset stops again with lag left, which is a new stall with its own warning.
+    monitored.clock.advance(STALL_S)
+    await monitored.monitor.poll()
+    assert (await monitored.readyz())[1]["reasons"] == [STALLED]
+    assert len(stall_warnings(caplog)) == 2
+
+
+async def test_monitor_recovery_pending_not_stalled(monitored):
+    await stall_posts_0(monitored)
+    monitored.tracker.record_revoked({("posts", 0), ("posts", 1)})
+    monitored.clock.advance(STALL_S)
+    await monitored.monitor.poll()
+    status, document = await monitored.readyz()
+    assert status == 503
+    assert document["reasons"] == [RECOVERING]
+    assert document["stalled_partitions"] == []
+    assert await monitored.metric("profilestream_kafka_stalled_partitions") == 0
+
+    # Recovery restarts the stall timer, so the partition stalls again only STALL_S after it.
+    monitored.tracker.record_assigned({("posts", 0), ("posts", 1)})
+    monitored.tracker.record_completed()
+    await monitored.monitor.poll()
+    assert (await monitored.readyz())[0] == 200
+    monitored.clock.advance(STALL_S)
+    await monitored.monitor.poll()
+    assert (await monitored.readyz())[1]["reasons"] == [STALLED]
 
 
 # HTTP endpoints on a real worker

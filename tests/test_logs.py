@@ -13,9 +13,14 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 import pytest_asyncio
 
+from handlers.errors import InvalidRecord
+from handlers.generation.service import ProfileGenerator
+from stream.generate import GenerationStage
 from stream.importers import jsonl, stackexchange
+from stream.ingest import IngestStage
 from stream.logs import (
     REDACTED,
     ConsoleFormatter,
@@ -28,6 +33,7 @@ from stream.logs import (
     secrets_of,
 )
 from stream.progress import wait_until_caught_up
+from stream.records import Record
 from stream.replay import replay
 from stream.services.ports import free_port
 from stream.settings import load_settings
@@ -209,6 +215,82 @@ def test_repeat_limit_per_logger():
     repeat_filter = RepeatLimitFilter(1, clock=clock)
     records = [logging.LogRecord(name, logging.INFO, __file__, 1, "same.template", None, None) for name in ("a", "b", "a")]
     assert [repeat_filter.filter(record) for record in records] == [True, True, False]
+
+
+def test_repeat_limit_passes_audit_events():
+    clock = ManualClock()
+    logger, stream = capture(limited_handler(3, clock, ConsoleFormatter()))
+    for n in range(1000):
+        logger.info("user.erased user_id=%s event_id=%s", f"user-{n}", f"e{n}")
+        logger.info("user.erasedish user_id=%s", f"user-{n}")
+    output = lines(stream)
+    assert sum(" user.erased user_id=" in line for line in output) == 1000
+    assert sum(" user.erasedish user_id=" in line for line in output) == 3
+
+
+class ErasureEmitter:
+    """An emitter that keeps the regeneration requests (erasures) that ingest sends and drops every other record."""
+
+    def __init__(self) -> None:
+        self.requests: list[Record] = []
+
+    async def dead_letter(self, record, error) -> None: ...
+
+    async def audience(self, user_id, message) -> None: ...
+
+    async def regenerate(self, user_id: str, request: dict) -> None:
+        self.requests.append(Record("regenerate", 0, len(self.requests), user_id.encode(), orjson.dumps(request)))
+
+    async def post_index(self, post_id, message) -> None: ...
+
+
+class EraseRejectingSink:
+    name = "rejecting"
+
+    async def write(self, profiles: list[dict]) -> int:
+        return len(profiles)
+
+    async def erase(self, user_id: str) -> None:
+        raise InvalidRecord("invalid_profile", f"the test sink rejects the erasure of {user_id!r}")
+
+
+def deletion(n: int) -> Record:
+    document = {"schema": "user_deleted.v1", "event_id": f"delete-{n}", "user_id": f"user-{n}",
+                "deleted_at": "2024-06-01T12:00:00Z"}
+    return Record("users", 0, n, f"user-{n}".encode(), orjson.dumps(document))
+
+
+def malformed(n: int) -> Record:
+    return Record("posts", 0, n, f"user-{n}".encode(), b"{broken " + str(n).encode())
+
+
+async def test_erasure_audit_lines_not_limited():
+    """1,000 erasures within one window: every audit line of ingest and generation reaches the output."""
+    clock = ManualClock()
+    handler = limited_handler(10, clock, JsonFormatter())
+    stream = io.StringIO()
+    handler.setStream(stream)
+    loggers = [logging.getLogger("stream.ingest"), logging.getLogger("stream.generate")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        emitter = ErasureEmitter()
+        ingest = IngestStage(load_settings(), {}, emitter)
+        await ingest.handle_batch([record for n in range(1000) for record in (deletion(n), malformed(n))])
+        generation = GenerationStage(ProfileGenerator(language="en"), [EraseRejectingSink()])
+        await generation.handle_batch(emitter.requests)
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+    documents = [json.loads(line) for line in lines(stream)]
+    erased = [document["user_id"] for document in documents if document.get("event") == "user.erased"]
+    assert erased == [f"user-{n}" for n in range(1000)]
+    assert sum(document.get("event") == "user.erased_in_sinks" for document in documents) == 1000
+    assert sum(document.get("event") == "sink.erase_rejected" for document in documents) == 1000
+    assert sum(document.get("event") == "record.dead_lettered" for document in documents) == 10
 
 
 # Redaction
