@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="keep the services up after printing, until Ctrl+C")
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the worker to catch up (default: 600)")
     demo.add_argument("--top", type=int, default=10, help="number of profiles to print (default: 10)")
+    demo.add_argument("--prometheus", action="store_true",
+                      help="also start a local Prometheus (Debian's prometheus package) that scrapes the worker and"
+                           " loads deploy/prometheus/alerts.yml, and print which metric families it stored")
     return parser
 
 
@@ -88,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(keep_running=args.keep_running, timeout_s=args.timeout, top=args.top)
+        return run_demo(keep_running=args.keep_running, timeout_s=args.timeout, top=args.top, prometheus=args.prometheus)
     settings = load_settings()
     if args.command == "worker":
         from .worker import run_worker

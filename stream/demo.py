@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,25 +23,34 @@ from tqdm import tqdm
 
 from handlers.sinks.postgres import PostgresSink
 
+from .openapi import CURRENT_PROFILE_PATH, OPENAPI_PATH
 from .progress import wait_until_caught_up
 from .replay import replay
 from .report import format_profile
-from .services import spawn
+from .scrape_check import format_scrape_summary, summarize_scrape
+from .services import ServiceError, spawn
 from .services.kafka import KafkaBroker
 from .services.ports import free_port
 from .services.postgres import PostgresCluster
+from .services.prometheus import INSTALL_HINT, PrometheusServer, find_prometheus
 from .settings import ENV_PREFIX, Settings, load_settings
 from .worker import prepare
 
 BUNDLED_DATA = "stackexchange-quantumcomputing.jsonl.gz"
 WORKER_STOP_TIMEOUT_S = 30.0
+READ_API_TIMEOUT_S = 10.0
+# The alert rules exist in a source checkout only; an installed wheel has no deploy/ folder.
+ALERTS_FILE = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"
 
 
 def bundled_data_path() -> Path:
     return Path(str(resources.files("stream").joinpath("data", BUNDLED_DATA)))
 
 
-def run_demo(*, keep_running: bool, timeout_s: float, top: int) -> int:
+def run_demo(*, keep_running: bool, timeout_s: float, top: int, prometheus: bool = False) -> int:
+    """Run the demo; with `prometheus`, a local Prometheus scrapes the worker and loads the alert rules."""
+    if prometheus and find_prometheus() is None:
+        raise ServiceError(f"--prometheus needs a prometheus binary; {INSTALL_HINT}, or leave out --prometheus")
     # SIGTERM unwinds like Ctrl+C, so every service the demo started is stopped.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     started = time.monotonic()
@@ -63,14 +74,42 @@ def run_demo(*, keep_running: bool, timeout_s: float, top: int) -> int:
         sent = asyncio.run(replay(data, settings)).sent
         worker = stack.enter_context(_worker_process(settings, workdir / "worker.log"))
         print(f"worker running (pid {worker.pid}, log {workdir / 'worker.log'}, metrics http://{settings.http_host}:{settings.http_port}/metrics)", flush=True)
+        scraper = stack.enter_context(_prometheus(settings)) if prometheus else None
         progress = _wait_for_worker(settings, worker, sent, timeout_s)
         profiles = asyncio.run(_fetch_top(settings, top))
         _print_report(profiles, settings, sent, progress, time.monotonic() - started)
+        if profiles:
+            _print_read_api_sample(settings, profiles[0]["user_id"])
+        if scraper is not None:
+            print()
+            print(format_scrape_summary(summarize_scrape(scraper), scraper.url), flush=True)
         if keep_running:
+            if scraper is not None:
+                print(f"Prometheus UI: {scraper.url}/graph, alerts: {scraper.url}/alerts", flush=True)
             print("services keep running; press Ctrl+C to stop them", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
                 worker.wait()
     return 0
+
+
+def _print_read_api_sample(settings: Settings, user_id: str) -> None:
+    """Fetch one profile through the worker's read API and print the request, so the user can try it."""
+    base = f"http://{settings.http_host}:{settings.http_port}"
+    url = base + CURRENT_PROFILE_PATH.format(user_id=urllib.parse.quote(user_id, safe=""))
+    try:
+        with urllib.request.urlopen(url, timeout=READ_API_TIMEOUT_S) as response:
+            outcome = f"HTTP {response.status}, {len(response.read())} bytes of JSON"
+    except OSError as error:  # HTTPError and URLError included
+        outcome = f"failed: {error}"
+    print(f"Read API: curl {url}  ({outcome}; OpenAPI description at {base}{OPENAPI_PATH})", flush=True)
+
+
+def _prometheus(settings: Settings) -> PrometheusServer:
+    rule_files = [ALERTS_FILE] if ALERTS_FILE.is_file() else []
+    server = PrometheusServer([f"{settings.http_host}:{settings.http_port}"], rule_files=rule_files)
+    loaded = f", alert rules from {ALERTS_FILE}" if rule_files else ", no alert rules (deploy/ is not next to this package)"
+    print(f"starting Prometheus on 127.0.0.1, scraping the worker every {server.scrape_interval_s} s{loaded} ...", flush=True)
+    return server
 
 
 def _raise_keyboard_interrupt(signum: int, frame: object) -> None:

@@ -8,6 +8,7 @@ and promtool run when installed; a test that needs a missing tool is skipped wit
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import os
@@ -23,8 +24,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from stream.cli import build_parser
+from stream.health import WorkerStatus, readiness
+from stream.http_server import HttpServer
 from stream.metrics_catalogue import catalogue
 from stream.settings import ENV_PREFIX, Settings, load_settings
 
@@ -39,6 +44,7 @@ DATASOURCE_FILE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometh
 K8S_DIR = DEPLOY / "kubernetes"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
+LOCK_FILE = REPO / "requirements.lock"
 
 # Kubernetes release whose API schemas the manifests must satisfy. kubernetes-validate 1.37.0
 # (pinned in pyproject.toml) ships schemas for 1.25 to 1.37.
@@ -90,7 +96,7 @@ METRIC_GROUPS = {
     "Postgres write errors": ("profilestream_postgres_write_errors_total",),
     "Postgres pool waits": ("profilestream_postgres_pool_acquire_waits_total", "profilestream_postgres_pool_acquire_seconds_bucket"),
     "producer errors": ("profilestream_kafka_producer_errors_total",),
-    "profile versions published": ('profilestream_sink_writes_total{sink="topic", outcome="ok"',),
+    "profile versions published": ("profilestream_profile_versions_published_total",),
 }
 METRIC_NAME = re.compile(r"\b(?:profilestream|process|python)_\w+")
 # The series of prometheus_client's default collectors, as suffixes of the family name.
@@ -141,9 +147,9 @@ def service_environment(compose: dict, name: str) -> dict[str, str]:
     return variables
 
 
-def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
-    """Return (INSTRUCTION, arguments) pairs with continuation lines joined and comments dropped."""
-    instructions = []
+def logical_lines(path: Path) -> list[str]:
+    """Return the lines of `path` with backslash continuations joined, blank lines and # comments dropped."""
+    lines = []
     pending = ""
     for line in path.read_text(encoding="utf-8").splitlines():
         stripped = line.strip()
@@ -152,9 +158,17 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
         if stripped.endswith("\\"):
             pending += stripped[:-1] + " "
             continue
-        keyword, _, arguments = (pending + stripped).partition(" ")
-        instructions.append((keyword.upper(), arguments.strip()))
+        lines.append(pending + stripped)
         pending = ""
+    return lines
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """Return (INSTRUCTION, arguments) pairs with continuation lines joined and comments dropped."""
+    instructions = []
+    for line in logical_lines(path):
+        keyword, _, arguments = line.partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
     return instructions
 
 
@@ -169,6 +183,39 @@ def copy_sources(arguments: str) -> list[str]:
 
 def exec_form(arguments: str) -> list[str]:
     return json.loads(arguments)
+
+
+def dockerfile_environment() -> dict[str, str]:
+    """Return the variables that the Dockerfile's ENV instructions set, later ones winning."""
+    environment = {}
+    for keyword, arguments in dockerfile_instructions(DOCKERFILE):
+        if keyword == "ENV":
+            environment.update(assignment.split("=", 1) for assignment in shlex.split(arguments))
+    return environment
+
+
+def healthcheck_command() -> list[str]:
+    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
+    assert len(checks) == 1
+    return exec_form(checks[0].split(" CMD ", 1)[1])
+
+
+def lock_entries() -> dict[str, tuple[Requirement, list[str]]]:
+    """Parse requirements.lock into {canonical name: (requirement, its --hash values)}."""
+    entries = {}
+    for line in logical_lines(LOCK_FILE):
+        requirement_text, *hashes = line.split("--hash=")
+        requirement = Requirement(requirement_text.strip())
+        entries[canonicalize_name(requirement.name)] = (requirement, [value.strip() for value in hashes])
+    return entries
+
+
+def pinned_version(requirement: Requirement) -> str:
+    """Return the version of an `==` pin, failing the test for any other specifier."""
+    specifiers = list(requirement.specifier)
+    assert len(specifiers) == 1, f"{requirement} in {LOCK_FILE.name} is not an exact pin"
+    assert specifiers[0].operator == "==", f"{requirement} in {LOCK_FILE.name} is not an exact pin"
+    return specifiers[0].version
 
 
 def settings_from_environment(monkeypatch: pytest.MonkeyPatch, variables: dict[str, str]) -> Settings:
@@ -338,6 +385,8 @@ def test_compose_worker_env_loads(compose: dict, monkeypatch: pytest.MonkeyPatch
     assert settings.http_host == "0.0.0.0"
     assert settings.kafka_bootstrap_servers == "kafka:9092"
     assert settings.postgres_dsn is not None
+    # The local stack overrides the image's json for readable `docker compose logs`.
+    assert settings.log_format == "console"
 
 
 def test_compose_secrets_not_inline(compose: dict) -> None:
@@ -457,50 +506,66 @@ def test_dockerfile_env_names_settings() -> None:
 
 
 def test_dockerfile_serves_metrics_on_all_interfaces() -> None:
-    instructions = dockerfile_instructions(DOCKERFILE)
-    environment = {}
-    for keyword, arguments in instructions:
-        if keyword == "ENV":
-            environment.update(assignment.split("=", 1) for assignment in shlex.split(arguments))
-    exposed = [arguments for keyword, arguments in instructions if keyword == "EXPOSE"]
+    environment = dockerfile_environment()
+    exposed = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "EXPOSE"]
     assert environment[f"{ENV_PREFIX}HTTP_HOST"] == "0.0.0.0"
     assert environment[f"{ENV_PREFIX}HTTP_PORT"] == "6066"
     assert exposed == ["6066"]
 
 
-def test_dockerfile_healthcheck_fetches_metrics() -> None:
-    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
-    assert len(checks) == 1
-    command = exec_form(checks[0].split(" CMD ", 1)[1])
+def test_dockerfile_healthcheck_fetches_healthz() -> None:
+    """The check is liveness, as the Kubernetes liveness probe is, because /readyz fails a rebalancing worker."""
+    command = healthcheck_command()
     assert command[:2] == ["python", "-c"]
     assert "urllib.request.urlopen" in command[2]
-    assert "/metrics" in command[2]
+    assert "/healthz" in command[2]
+    assert "/readyz" not in command[2]
+    assert "/metrics" not in command[2]
+    assert worker_container()["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_dockerfile_healthcheck_script_compiles() -> None:
-    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
-    script = exec_form(checks[0].split(" CMD ", 1)[1])[2]
-    compile(script, "HEALTHCHECK", "exec")
+    compile(healthcheck_command()[2], "HEALTHCHECK", "exec")
 
 
-def test_dockerfile_healthcheck_against_server() -> None:
-    """Run the HEALTHCHECK command against a live metrics server, then against a stopped one."""
-    from prometheus_client import start_http_server
-
-    checks = [arguments for keyword, arguments in dockerfile_instructions(DOCKERFILE) if keyword == "HEALTHCHECK"]
-    command = exec_form(checks[0].split(" CMD ", 1)[1])
+async def run_healthcheck(port: int) -> tuple[int, str]:
+    """Run the HEALTHCHECK command with this interpreter against `port`, without blocking the event loop."""
+    command = healthcheck_command()
     command[0] = sys.executable
-    server, thread = start_http_server(0, addr="127.0.0.1")
-    environment = {**os.environ, f"{ENV_PREFIX}HTTP_PORT": str(server.server_port)}
+    environment = {**os.environ, f"{ENV_PREFIX}HTTP_PORT": str(port)}
+    process = await asyncio.create_subprocess_exec(*command, env=environment, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+    return process.returncode, stderr.decode()
+
+
+async def test_dockerfile_healthcheck_against_worker_server() -> None:
+    """Run the HEALTHCHECK command against the worker's HTTP server before and after it stops.
+
+    The status has no partitions assigned, so /readyz responds 503 while the check still passes.
+    """
+    status = WorkerStatus()
+    server = HttpServer(status, "127.0.0.1", 0)
+    await server.start()
     try:
-        healthy = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30)
+        port = server.port
+        healthy_code, healthy_stderr = await run_healthcheck(port)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-    stopped = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=30)
-    assert healthy.returncode == 0, healthy.stderr
-    assert stopped.returncode != 0
+        await server.stop()
+    stopped_code, stopped_stderr = await run_healthcheck(port)
+
+    assert readiness(status).ready is False
+    assert healthy_code == 0, healthy_stderr
+    assert stopped_code != 0
+    assert "Connection refused" in stopped_stderr
+
+
+def test_dockerfile_log_format_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image logs one JSON object per line, and the settings accept the value."""
+    environment = dockerfile_environment()
+    image_settings = {name: value for name, value in environment.items() if name.startswith(ENV_PREFIX)}
+    assert environment[f"{ENV_PREFIX}LOG_FORMAT"] == "json"
+    assert settings_from_environment(monkeypatch, image_settings).log_format == "json"
 
 
 def test_hadolint_passes() -> None:
@@ -547,6 +612,89 @@ def test_sdist_builds_from_copied_sources(tmp_path: Path) -> None:
     assert "profilestream = stream.cli:main" in scripts
 
 
+# Dependency lock
+
+
+def test_lock_satisfies_pyproject() -> None:
+    """Each runtime dependency of pyproject.toml is locked at a version inside its range."""
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    entries = lock_entries()
+    assert dependencies
+    for dependency in dependencies:
+        requirement = Requirement(dependency)
+        name = canonicalize_name(requirement.name)
+        assert name in entries, f"{requirement.name} is missing from {LOCK_FILE.name}; regenerate it"
+        version = pinned_version(entries[name][0])
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{LOCK_FILE.name} pins {requirement.name}=={version}, outside {dependency!r} of pyproject.toml; regenerate it")
+
+
+def test_lock_entries_pinned_with_hashes() -> None:
+    entries = lock_entries()
+    assert entries
+    for name, (requirement, hashes) in entries.items():
+        pinned_version(requirement)
+        assert hashes, f"{name} in {LOCK_FILE.name} has no --hash"
+        for value in hashes:
+            assert re.fullmatch(r"sha256:[0-9a-f]{64}", value), f"{name}: {value!r} is not a sha256 hash"
+
+
+def test_lock_closed_under_dependencies() -> None:
+    """Each locked package's own requirements are locked too, as `pip install --no-deps` needs.
+
+    The requirements are read from this virtualenv's installed metadata, so only packages
+    installed at the locked version are checked.
+    """
+    from importlib import metadata
+
+    entries = lock_entries()
+    checked = 0
+    for name, (requirement, _) in entries.items():
+        try:
+            distribution = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if distribution.version != pinned_version(requirement):
+            continue
+        checked += 1
+        for dependency in map(Requirement, distribution.requires or []):
+            if dependency.marker is not None and not dependency.marker.evaluate({"extra": ""}):
+                continue
+            assert canonicalize_name(dependency.name) in entries, (
+                f"{name} requires {dependency}, which {LOCK_FILE.name} does not list")
+    assert checked >= len(entries) // 2, f"only {checked} of {len(entries)} locked packages are installed at their locked version"
+
+
+def test_lock_regeneration_documented() -> None:
+    """The command in the lock's header, written by uv, is the one deploy/README.md gives."""
+    header = LOCK_FILE.read_text(encoding="utf-8").splitlines()[:2]
+    command = header[1].lstrip("# ").strip()
+    assert command.startswith("uv pip compile pyproject.toml --generate-hashes")
+    assert command in (DEPLOY / "README.md").read_text(encoding="utf-8")
+
+
+def test_dockerfile_installs_from_lock() -> None:
+    """The builder installs the lock with hashes checked before it copies the source, then the wheel alone."""
+    instructions = dockerfile_instructions(DOCKERFILE)
+    runs = [arguments for keyword, arguments in instructions if keyword == "RUN"]
+    lock_installs = [arguments for arguments in runs if f"--requirement {LOCK_FILE.name}" in arguments
+                     or f"-r {LOCK_FILE.name}" in arguments]
+    assert len(lock_installs) == 1
+    words = shlex.split(lock_installs[0])
+    assert "install" in words
+    assert "--require-hashes" in words
+    assert "--no-deps" in words
+
+    wheel_installs = [arguments for arguments in runs if "/tmp/dist/*.whl" in arguments]
+    assert len(wheel_installs) == 1
+    assert "install --no-deps /tmp/dist/*.whl" in wheel_installs[0]
+
+    copies = [arguments for keyword, arguments in instructions if keyword == "COPY"]
+    lock_copy = next(index for index, arguments in enumerate(copies) if LOCK_FILE.name in copy_sources(arguments))
+    source_copy = next(index for index, arguments in enumerate(copies) if "stream" in copy_sources(arguments))
+    assert lock_copy < source_copy, "the lock must be installed in a layer before the source is copied"
+
+
 # Kubernetes
 
 
@@ -563,6 +711,11 @@ def test_k8s_manifest_validates(filename: str, document: dict) -> None:
         pytest.fail(f"{filename}: {error.message} at {list(error.path)}")
 
 
+# NOTE: ServiceMonitor, PrometheusRule and ScaledObject have only the hand-written checks
+# below, because no PyPI package found ships the JSON schemas of their CRDs. The
+# cloudcoil-models-keda and cloudcoil-models-prometheus-operator packages hold pydantic models
+# generated from those CRDs, but the models ignore unknown fields, and installing them adds a
+# Kubernetes client and a pytest plugin to every test run.
 @pytest.mark.parametrize("kind", ["ServiceMonitor", "PrometheusRule"])
 def test_k8s_custom_resource_shape(kind: str) -> None:
     document = k8s_document(kind)
@@ -650,6 +803,7 @@ def test_k8s_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = settings_from_environment(monkeypatch, variables)
     assert settings.http_host == "0.0.0.0"
     assert settings.data_dir == "/var/lib/profilestream"
+    assert settings.log_format == "json"
 
 
 def test_k8s_deployment_env_sources() -> None:
@@ -801,6 +955,7 @@ def test_alerts_expected_names() -> None:
         "ProfilestreamSinkRetries",
         "ProfilestreamConsumerLagGrowing",
         "ProfilestreamCommitsStalled",
+        "ProfilestreamWorkerRestarting",
         "ProfilestreamLLMErrorRateHigh",
         "ProfilestreamLLMCircuitOpen",
         "ProfilestreamLLMBudgetNearlySpent",
@@ -917,6 +1072,19 @@ ALERT_CASES = {
         {'profilestream_kafka_committed_offset_age_seconds{topic="posts", partition="0"}': "0+60x30",
          'profilestream_kafka_consumer_lag{topic="posts", partition="0"}': "50x30"},
         "20m", [{"severity": "critical", "topic": "posts", "partition": "0"}]),
+    "commits_stalled_before_watchdog_exit": (
+        "ProfilestreamCommitsStalled",
+        {'profilestream_kafka_committed_offset_age_seconds{topic="posts", partition="0"}': "0+60x11",
+         'profilestream_kafka_consumer_lag{topic="posts", partition="0"}': "50x11"},
+        "11m", [{"severity": "critical", "topic": "posts", "partition": "0"}]),
+    "restarts_three_fire": (
+        "ProfilestreamWorkerRestarting",
+        {'process_start_time_seconds{job="profilestream"}': "1000x4 1300x4 1600x4 1900x10"},
+        "20m", [{"severity": "warning", "job": "profilestream"}]),
+    "restarts_two_silent": (
+        "ProfilestreamWorkerRestarting",
+        {'process_start_time_seconds{job="profilestream"}': "1000x4 1300x4 1600x20"},
+        "20m", []),
 }
 
 

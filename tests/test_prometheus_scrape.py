@@ -11,32 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import signal
-import subprocess
-import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import yaml
 
 from stream.importers import jsonl, stackexchange
 from stream.metrics_catalogue import catalogue
 from stream.openapi import CURRENT_PROFILE_PATH, OPENAPI_PATH
 from stream.progress import wait_until_caught_up
 from stream.replay import replay
-from stream.services import spawn
-from stream.services.ports import free_port
+from stream.services.prometheus import INSTALL_HINT, PrometheusServer, find_prometheus
 from stream.worker import prepare
 from tests.llm_stub import TEST_API_KEY, llm_stub_server, status, truncated  # noqa: F401 (fixture)
 from tests.test_deploy import ALERTS_FILE, DASHBOARD_FILE, K8S_DIR, METRIC_NAME, k8s_document, promql_expressions
 from tests.worker_harness import WorkerProcess, isolated_settings
 
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 FIXTURE = Path(__file__).parent / "fixtures" / "stackexchange"
 MODEL = "stub-model"
 CATCH_UP_TIMEOUT_S = 120
@@ -52,86 +44,11 @@ BAD_LINES = [
 # Grafana's variables, replaced by values Prometheus accepts so the panel queries can run.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$instance": ".*"}
 
-pytestmark = pytest.mark.skipif(
-    not Path(PROMETHEUS).exists(),
-    reason=f"no Prometheus server at {PROMETHEUS}; install Debian's `prometheus` package",
-)
-
-
-class PrometheusServer:
-    """A Prometheus process on a free 127.0.0.1 port with its own config and TSDB folder."""
-
-    def __init__(self, workdir: Path, target: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERTS_FILE)],
-            "scrape_configs": [{"job_name": "profilestream", "static_configs": [{"targets": [target]}]}],
-        }
-        self.config_path = workdir / "prometheus.yml"
-        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
-        self.log_path = workdir / "prometheus.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> PrometheusServer:
-        command = [
-            PROMETHEUS,
-            f"--config.file={self.config_path}",
-            f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{self.port}",
-        ]
-        self.process = spawn(command, log_path=self.log_path, cwd=self.workdir, death_signal=signal.SIGKILL)
-        return self
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-    def api(self, path: str, **params: str) -> object:
-        """GET an /api/v1 endpoint and return its `data`. Raises AssertionError when the status is not success."""
-        query = f"?{urllib.parse.urlencode(params)}" if params else ""
-        with urllib.request.urlopen(f"{self.url}/api/v1/{path}{query}", timeout=5) as response:
-            document = json.load(response)
-        assert document["status"] == "success", document
-        return document["data"]
-
-    async def wait_until(self, condition, failure: str, timeout_s: float) -> None:
-        """Poll `condition()` every 0.5 s. Raises TimeoutError with `failure` and the log tail when time runs out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"prometheus exited with {self.process.returncode}; log:\n{self.log_tail()}")
-            try:
-                if condition():
-                    return
-            except OSError:
-                pass  # Not listening yet.
-            await asyncio.sleep(0.5)
-        raise TimeoutError(f"prometheus: {failure} within {timeout_s} s; log:\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+pytestmark = pytest.mark.skipif(find_prometheus() is None, reason=f"no Prometheus server: {INSTALL_HINT}")
 
 
 def catalogue_series() -> set[str]:
     return {name for family in catalogue() for name in family.series_names}
-
-
-def target_up(prometheus: PrometheusServer) -> bool:
-    targets = prometheus.api("targets")["activeTargets"]
-    return bool(targets) and all(target["health"] == "up" for target in targets)
-
-
-def metric_names(prometheus: PrometheusServer) -> set[str]:
-    return set(prometheus.api("label/__name__/values"))
 
 
 def names_in(expression: str) -> set[str]:
@@ -185,18 +102,18 @@ async def run(kafka_bootstrap, module_database, llm_stub_server, tmp_path_factor
     await prepare(settings)
     await replay(events_path, settings, progress=False)
     worker = WorkerProcess(settings, workdir / "worker.log").start()
-    prometheus = PrometheusServer(workdir, f"127.0.0.1:{settings.http_port}").start()
+    prometheus = PrometheusServer([f"127.0.0.1:{settings.http_port}"], rule_files=[ALERTS_FILE]).start()
     try:
         await wait_until_caught_up(settings, timeout_s=CATCH_UP_TIMEOUT_S, on_poll=lambda *_: worker.check_alive())
         # The read API metrics get series with the first request, and a 404 counts too.
         http_status(settings.http_port, OPENAPI_PATH)
         http_status(settings.http_port, CURRENT_PROFILE_PATH.format(user_id=events[0]["user_id"]))
-        await prometheus.wait_until(lambda: target_up(prometheus), "the worker target is not up",
-                                    PROMETHEUS_READY_TIMEOUT_S)
+        await asyncio.to_thread(prometheus.wait_until, prometheus.targets_up, "the worker target is not up",
+                                PROMETHEUS_READY_TIMEOUT_S)
         expected = catalogue_series()
         try:
-            await prometheus.wait_until(lambda: expected <= metric_names(prometheus),
-                                        "not every catalogued series arrived", SCRAPE_TIMEOUT_S)
+            await asyncio.to_thread(prometheus.wait_until, lambda: expected <= prometheus.metric_names(),
+                                    "not every catalogued series arrived", SCRAPE_TIMEOUT_S)
         except TimeoutError:
             pass  # test_catalogue_series_scraped names the missing series.
         yield {"prometheus": prometheus, "worker_port": settings.http_port}
@@ -211,7 +128,7 @@ def scrape(run: dict) -> PrometheusServer:
 
 
 async def test_catalogue_series_scraped(scrape: PrometheusServer) -> None:
-    missing = catalogue_series() - metric_names(scrape)
+    missing = catalogue_series() - scrape.metric_names()
     assert not missing, f"Prometheus never received {sorted(missing)}"
 
 
@@ -221,7 +138,7 @@ async def test_dead_letter_series_scraped(scrape: PrometheusServer) -> None:
 
 
 async def test_dashboard_panels_use_scraped_metrics(scrape: PrometheusServer) -> None:
-    scraped = metric_names(scrape)
+    scraped = scrape.metric_names()
     for panel in dashboard_panels():
         for target in panel["targets"]:
             unknown = names_in(target["expr"]) - scraped
@@ -238,7 +155,7 @@ async def test_dashboard_panel_queries_run(scrape: PrometheusServer) -> None:
 
 @pytest.mark.parametrize("source", [ALERTS_FILE, K8S_DIR / "prometheusrule.yaml"], ids=lambda path: path.name)
 async def test_alert_rules_use_scraped_metrics(scrape: PrometheusServer, source: Path) -> None:
-    scraped = metric_names(scrape)
+    scraped = scrape.metric_names()
     for expression in promql_expressions(source):
         unknown = names_in(expression) - scraped
         assert not unknown, f"{source.name}: {expression!r} uses {sorted(unknown)}, which the scrape lacks"
@@ -247,7 +164,7 @@ async def test_alert_rules_use_scraped_metrics(scrape: PrometheusServer, source:
 async def test_autoscaler_query_uses_scraped_metrics(scrape: PrometheusServer) -> None:
     for trigger in k8s_document("ScaledObject")["spec"]["triggers"]:
         query = trigger["metadata"]["query"]
-        assert names_in(query) <= metric_names(scrape), query
+        assert names_in(query) <= scrape.metric_names(), query
         scrape.api("query", query=query)
 
 
@@ -258,7 +175,7 @@ async def test_alert_rules_evaluate(scrape: PrometheusServer) -> None:
         rules = [rule for group in scrape.api("rules")["groups"] for rule in group["rules"]]
         return bool(rules) and all(rule["health"] != "unknown" for rule in rules)
 
-    await scrape.wait_until(evaluated, "the rules were not evaluated", PROMETHEUS_READY_TIMEOUT_S)
+    await asyncio.to_thread(scrape.wait_until, evaluated, "the rules were not evaluated", PROMETHEUS_READY_TIMEOUT_S)
     for group in scrape.api("rules")["groups"]:
         for rule in group["rules"]:
             assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from collections.abc import Mapping, Callable, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 from handlers.errors import ProfilestreamError
 
@@ -41,6 +43,51 @@ else:
 
 class ServiceError(ProfilestreamError):
     """A local service could not be fetched, started or stopped; the message names the fix."""
+
+
+class LocalServer:
+    """Base of the local Kafka, Postgres and Prometheus servers: a child process in a temporary folder.
+
+    Subclasses set `LOG_NAME`, the file in the folder that receives the server's output, and
+    implement `start()`, which returns the server, and the idempotent `stop()`.
+    """
+
+    LOG_NAME = "server.log"
+
+    def __init__(self, *, start_timeout_s: float, stop_timeout_s: float) -> None:
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._work_dir: Path | None = None
+        self._port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def work_dir(self) -> Path | None:
+        """Temporary folder with the server's configuration, data and log; None when stopped."""
+        return self._work_dir
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self._work_dir is None else self._work_dir / self.LOG_NAME
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the server, or None when not running."""
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
 
 
 def make_work_dir(prefix: str) -> Path:

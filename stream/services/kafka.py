@@ -14,18 +14,16 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
 from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
-from . import ServiceError, log_tail, make_work_dir, run_tool, spawn, stop_process
+from . import LocalServer, ServiceError, log_tail, make_work_dir, run_tool, spawn, stop_process
 from .ports import LOOPBACK, free_ports, is_listening
 
 log = logging.getLogger(__name__)
@@ -169,7 +167,7 @@ def new_cluster_id() -> str:
             return text
 
 
-class KafkaBroker:
+class KafkaBroker(LocalServer):
     """A single-node KRaft Kafka broker on 127.0.0.1, in a temporary folder removed on stop.
 
     Topics are never created automatically (auto.create.topics.enable=false), because the project
@@ -177,6 +175,8 @@ class KafkaBroker:
     settings. Use as a context manager or call `start()` and `stop()`, from a long-lived thread
     (see `stream.services`).
     """
+
+    LOG_NAME = "broker.log"
 
     def __init__(
         self,
@@ -192,11 +192,7 @@ class KafkaBroker:
         self.extra_properties = dict(properties or {})
         self.jvm_options = list(jvm_options)
         self.cache_dir = cache_dir
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self._work_dir: Path | None = None
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s)
 
     @property
     def bootstrap_servers(self) -> str:
@@ -204,20 +200,6 @@ class KafkaBroker:
         if self._port is None:
             raise ServiceError("the Kafka broker is not started; call start() first")
         return f"{LOOPBACK}:{self._port}"
-
-    @property
-    def work_dir(self) -> Path | None:
-        """Temporary folder with server.properties, the data under data/ and broker.log; None when stopped."""
-        return self._work_dir
-
-    @property
-    def log_path(self) -> Path | None:
-        return None if self._work_dir is None else self._work_dir / "broker.log"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the broker's JVM, or None when not running."""
-        return None if self._process is None else self._process.pid
 
     def start(self) -> KafkaBroker:
         """Fetch the jars if needed, format the storage, start the JVM and wait until it serves metadata.
@@ -295,19 +277,11 @@ class KafkaBroker:
                  time.monotonic() - started)
         return self
 
-    def __enter__(self) -> KafkaBroker:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
-
     def _spawn(self, java: str, lib_dir: Path) -> None:
         assert self._work_dir is not None
         self._process = spawn(
             [java, *self._jvm_arguments(lib_dir), "kafka.Kafka", self._work_dir / "server.properties"],
-            log_path=self._work_dir / "broker.log",
+            log_path=self.log_path,
             cwd=self._work_dir,
             # The data is thrown away, so an orphaned broker needs no graceful shutdown.
             death_signal=signal.SIGKILL,

@@ -17,9 +17,8 @@ import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 
-from . import ServiceError, log_tail, make_work_dir, run_tool, spawn, stop_process
+from . import LocalServer, ServiceError, log_tail, make_work_dir, run_tool, spawn, stop_process
 from .ports import LOOPBACK, free_port
 
 log = logging.getLogger(__name__)
@@ -88,12 +87,14 @@ def server_account() -> str | None:
     return _SYSTEM_ACCOUNT
 
 
-class PostgresCluster:
+class PostgresCluster(LocalServer):
     """A PostgreSQL server with one database, started in a temporary folder and removed on stop.
 
     Connections from 127.0.0.1 are trusted, so `dsn` has no password. Use as a context manager
     or call `start()` and `stop()`. Start it from a long-lived thread: see `stream.services`.
     """
+
+    LOG_NAME = "postgres.log"
 
     def __init__(
         self,
@@ -107,11 +108,7 @@ class PostgresCluster:
             raise ValueError(f"database name {database!r} is invalid; use lowercase letters, digits and _")
         self.database = database
         self.settings = {**_DEFAULT_SETTINGS, **(settings or {})}
-        self.start_timeout_s = start_timeout_s
-        self.stop_timeout_s = stop_timeout_s
-        self._work_dir: Path | None = None
-        self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(start_timeout_s=start_timeout_s, stop_timeout_s=stop_timeout_s)
 
     @property
     def port(self) -> int:
@@ -123,20 +120,6 @@ class PostgresCluster:
     def dsn(self) -> str:
         """Connection URI of the cluster's database, for example postgresql://postgres@127.0.0.1:5432/profilestream."""
         return f"postgresql://{SUPERUSER}@{LOOPBACK}:{self.port}/{self.database}"
-
-    @property
-    def work_dir(self) -> Path | None:
-        """Temporary folder with the data directory, the unix socket and postgres.log; None when stopped."""
-        return self._work_dir
-
-    @property
-    def log_path(self) -> Path | None:
-        return None if self._work_dir is None else self._work_dir / "postgres.log"
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the postmaster, or None when not running."""
-        return None if self._process is None else self._process.pid
 
     def start(self) -> PostgresCluster:
         """Create the cluster, start the server and create the database; raise ServiceError on failure."""
@@ -207,14 +190,6 @@ class PostgresCluster:
             raise
         log.info("postgres_server_started port=%s pid=%s seconds=%.1f", self._port, self.pid, time.monotonic() - started)
         return self
-
-    def __enter__(self) -> PostgresCluster:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def _prepare_work_dir(self, account: str | None) -> None:
         assert self._work_dir is not None
