@@ -33,7 +33,7 @@ from .services.kafka import KafkaBroker
 from .services.ports import free_port
 from .services.postgres import PostgresCluster
 from .services.prometheus import INSTALL_HINT, PrometheusServer, find_prometheus
-from .settings import ENV_PREFIX, Settings, load_settings
+from .settings import ENV_PREFIX, Settings, load_settings, settings_environment
 from .worker import prepare
 
 BUNDLED_DATA = "stackexchange-quantumcomputing.jsonl.gz"
@@ -118,8 +118,10 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def _worker_process(settings: Settings, log_path: Path):
+    # The worker gets the demo's settings: the local services plus the user's own settings,
+    # such as an LLM endpoint or the profile language.
     env = {name: value for name, value in os.environ.items() if not name.startswith(ENV_PREFIX)}
-    env.update(_settings_env(settings))
+    env.update(settings_environment(settings))
     # SIGTERM on the demo's death stops the worker too, even when the demo is killed.
     process = spawn([sys.executable, "-m", "stream", "worker"], log_path=log_path, cwd=Path.cwd(),
                     death_signal=signal.SIGTERM, env=env)
@@ -133,14 +135,6 @@ def _worker_process(settings: Settings, log_path: Path):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def _settings_env(settings: Settings) -> dict[str, str]:
-    env = {}
-    for name in ("kafka_bootstrap_servers", "app_id", "partitions", "http_port", "data_dir", "kafka_session_timeout_s"):
-        env[f"{ENV_PREFIX}{name.upper()}"] = str(getattr(settings, name))
-    env[f"{ENV_PREFIX}POSTGRES_DSN"] = settings.postgres_dsn.get_secret_value()
-    return env
 
 
 @dataclass

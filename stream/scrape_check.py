@@ -57,8 +57,8 @@ def format_scrape_summary(summary: ScrapeSummary, url: str) -> str:
              " listed in docs/metrics.md."]
     if summary.missing:
         names = ", ".join(family.query_name for family in summary.missing)
-        lines.append(f"No series yet, because nothing in this run observed them (no LLM endpoint is set,"
-                     f" for example): {names}.")
+        lines.append(f"No series yet, because nothing in this run observed them (for example no invalid record,"
+                     f" no account deletion or no LLM endpoint): {names}.")
     if summary.rules:
         healthy = len(summary.rules) - len(summary.broken_rules)
         lines.append(f"{healthy} of {len(summary.rules)} alert rules evaluate without error;"

@@ -239,6 +239,23 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """Return the PROFILESTREAM_* variables that load `settings` again in a child process.
+
+    Unset optional fields are left out, and so is `settings_file`, because `settings` already
+    contains the file's values.
+    """
+    environment = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if value is None or name == "settings_file":
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        environment[f"{ENV_PREFIX}{name.upper()}"] = str(value)
+    return environment
+
+
 def settings_table() -> str:
     """Render the README's configuration table from the settings' fields."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]

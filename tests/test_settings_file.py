@@ -7,7 +7,7 @@ import os
 import pytest
 
 from handlers.errors import ConfigError
-from stream.settings import ENV_PREFIX, load_settings
+from stream.settings import ENV_PREFIX, load_settings, settings_environment
 
 FILE_VARIABLE = f"{ENV_PREFIX}SETTINGS_FILE"
 
@@ -143,3 +143,24 @@ def test_no_file_by_default():
     settings = load_settings()
     assert settings.settings_file is None
     assert settings.app_id == "profilestream"
+
+
+def test_settings_environment_round_trip(tmp_path, monkeypatch):
+    """settings_environment reproduces settings from a file, the environment and arguments in a child's environment."""
+    path = write(tmp_path / "worker.toml", 'profile_language = "zh"\nllm_timeout_s = 12.5\n')
+    monkeypatch.setenv(FILE_VARIABLE, str(path))
+    monkeypatch.setenv(f"{ENV_PREFIX}LLM_API_KEY", "sk-round-trip")
+    original = load_settings(llm_base_url="http://127.0.0.1:9/v1", llm_model="m", postgres_sslmode="require",
+                             postgres_dsn="postgresql://user:secret@127.0.0.1:5/db", http_port=1234)
+    environment = settings_environment(original)
+    assert FILE_VARIABLE not in environment
+    assert f"{ENV_PREFIX}KAFKA_SASL_PASSWORD" not in environment
+    for name in list(os.environ):
+        if name.startswith(ENV_PREFIX) and not name.startswith(f"{ENV_PREFIX}TEST_") and name != f"{ENV_PREFIX}CACHE_DIR":
+            monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    reloaded = load_settings()
+    assert reloaded.settings_file is None
+    assert reloaded == original.model_copy(update={"settings_file": None})
+    assert reloaded.llm_api_key.get_secret_value() == "sk-round-trip"
