@@ -32,6 +32,7 @@ from stream.health import WorkerStatus, readiness
 from stream.http_server import HttpServer
 from stream.metrics_catalogue import catalogue
 from stream.settings import ENV_PREFIX, Settings, load_settings
+from tests.crd_schema import CRD_SCHEMA_FILES, OBJECT_META, StrictValidator, load_crd_schema, strict_schema, validation_errors
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -50,7 +51,8 @@ LOCK_FILE = REPO / "requirements.lock"
 # (pinned in pyproject.toml) ships schemas for 1.25 to 1.37.
 K8S_VERSION = "1.33.0"
 # Custom resources of the Prometheus Operator and KEDA, and kustomize's own file:
-# kubernetes-validate has no schema for them, so the shape tests below check them instead.
+# kubernetes-validate has no schema for them. The custom resources are validated against the
+# CRD schemas in tests/fixtures/crd-schemas instead, and the Kustomization by the tests below.
 K8S_KINDS_WITHOUT_SCHEMA = {"ServiceMonitor", "PrometheusRule", "ScaledObject", "Kustomization"}
 
 SETTING_VARIABLES = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
@@ -711,17 +713,129 @@ def test_k8s_manifest_validates(filename: str, document: dict) -> None:
         pytest.fail(f"{filename}: {error.message} at {list(error.path)}")
 
 
-# NOTE: ServiceMonitor, PrometheusRule and ScaledObject have only the hand-written checks
-# below, because no PyPI package found ships the JSON schemas of their CRDs. The
-# cloudcoil-models-keda and cloudcoil-models-prometheus-operator packages hold pydantic models
-# generated from those CRDs, but the models ignore unknown fields, and installing them adds a
-# Kubernetes client and a pytest plugin to every test run.
-@pytest.mark.parametrize("kind", ["ServiceMonitor", "PrometheusRule"])
-def test_k8s_custom_resource_shape(kind: str) -> None:
-    document = k8s_document(kind)
-    assert document["apiVersion"] == "monitoring.coreos.com/v1"
-    assert document["metadata"]["name"] == "profilestream"
-    assert isinstance(document["spec"], dict)
+CUSTOM_RESOURCE_KINDS = K8S_KINDS_WITHOUT_SCHEMA - {"Kustomization"}
+# Misspelled fields, each added next to the real ones: (kind, path of the object that gets
+# the field, field name).
+MISSPELLED_FIELDS = {
+    "service_monitor_endpoint": ("ServiceMonitor", ["spec", "endpoints", 0], "intervall"),
+    "service_monitor_metadata": ("ServiceMonitor", ["metadata"], "lables"),
+    "prometheus_rule_top_level": ("PrometheusRule", [], "specs"),
+    "prometheus_rule_group": ("PrometheusRule", ["spec", "groups", 0], "rulez"),
+    "prometheus_rule_rule": ("PrometheusRule", ["spec", "groups", 0, "rules", 0], "expression"),
+    "scaled_object_trigger": ("ScaledObject", ["spec", "triggers", 0], "metdata"),
+    "scaled_object_behavior": (
+        "ScaledObject", ["spec", "advanced", "horizontalPodAutoscalerConfig", "behavior", "scaleUp"],
+        "stabilisationWindowSeconds"),
+}
+# Values the CRD schemas reject: (kind, path of the field, value, failing JSON Schema keyword).
+INVALID_VALUES = {
+    "threshold_number": ("ScaledObject", ["spec", "triggers", 0, "metadata", "threshold"], 5000, "type"),
+    "min_replicas_string": ("ScaledObject", ["spec", "minReplicaCount"], "2", "type"),
+    "interval_words": ("ServiceMonitor", ["spec", "endpoints", 0, "interval"], "15 seconds", "pattern"),
+    "target_port_fraction": ("ServiceMonitor", ["spec", "endpoints", 0, "targetPort"], 6066.5, "anyOf"),
+    "rule_for_words": ("PrometheusRule", ["spec", "groups", 0, "rules", 0, "for"], "2 minutes", "pattern"),
+    "partial_response_unknown": (
+        "PrometheusRule", ["spec", "groups", 0, "partial_response_strategy"], "sometimes", "pattern"),
+    "name_upper_case": ("ServiceMonitor", ["metadata", "name"], "Profilestream", "pattern"),
+}
+# Valid values that a wrong schema transform could reject: (kind, path of the field, value).
+VALID_VALUES = {
+    "target_port_number": ("ServiceMonitor", ["spec", "endpoints", 0, "targetPort"], 6066),
+    "target_port_name": ("ServiceMonitor", ["spec", "endpoints", 0, "targetPort"], "metrics"),
+    "partial_response_upper_case": ("PrometheusRule", ["spec", "groups", 0, "partial_response_strategy"], "WARN"),
+    "metadata_namespace": ("ScaledObject", ["metadata", "namespace"], "profilestream"),
+    "metadata_annotation": ("ScaledObject", ["metadata", "annotations"], {"example.com/owner": "team"}),
+}
+
+
+def with_field(kind: str, path: list[str | int], value: object) -> dict:
+    """Return a copy of the manifest of `kind` with `value` set at `path`."""
+    document = copy.deepcopy(k8s_document(kind))
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    return document
+
+
+def error_locations(document: dict) -> list[tuple[list[str | int], str]]:
+    return [(list(error.absolute_path), error.validator) for error in validation_errors(document)]
+
+
+def test_k8s_custom_resources_have_schemas() -> None:
+    kinds = {document["kind"] for _, document in k8s_documents() if document["kind"] in CUSTOM_RESOURCE_KINDS}
+    assert kinds == {kind for _, kind in CRD_SCHEMA_FILES}
+
+
+@pytest.mark.parametrize(
+    ("filename", "document"),
+    [item for item in k8s_documents() if item[1]["kind"] in CUSTOM_RESOURCE_KINDS],
+    ids=lambda value: value if isinstance(value, str) else value["kind"],
+)
+def test_k8s_custom_resource_validates(filename: str, document: dict) -> None:
+    """Validate against the CRD schema of the operator release, rejecting unknown fields like kubectl's strict mode."""
+    errors = validation_errors(document)
+    assert not errors, f"{filename}: " + "; ".join(f"{list(error.absolute_path)}: {error.message}" for error in errors)
+
+
+@pytest.mark.parametrize("resource", sorted(CRD_SCHEMA_FILES), ids=lambda resource: resource[1])
+def test_crd_schema_strict_form_valid(resource: tuple[str, str]) -> None:
+    """The strict schema is valid Draft 4, whose meta-schema also compiles every `pattern` with Python's re."""
+    schema = strict_schema(load_crd_schema(*resource))
+    StrictValidator.check_schema(schema)
+    assert {"apiVersion", "kind", "metadata", "spec"} <= schema["properties"].keys()
+
+
+def test_object_meta_fields_match_kubernetes() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    schema_dir = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{K8S_VERSION}-local-strict"
+    fields = json.loads((schema_dir / "objectmeta-meta-v1.json").read_text(encoding="utf-8"))["properties"]
+    assert set(OBJECT_META["properties"]) == set(fields)
+
+
+@pytest.mark.parametrize("case", sorted(MISSPELLED_FIELDS))
+def test_custom_resource_rejects_unknown_field(case: str) -> None:
+    kind, path, field = MISSPELLED_FIELDS[case]
+    errors = validation_errors(with_field(kind, [*path, field], "30s"))
+    assert [(list(error.absolute_path), error.validator) for error in errors] == [(path, "additionalProperties")]
+    assert repr(field) in errors[0].message
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_VALUES))
+def test_custom_resource_rejects_invalid_value(case: str) -> None:
+    kind, path, value, keyword = INVALID_VALUES[case]
+    assert error_locations(with_field(kind, path, value)) == [(path, keyword)]
+
+
+@pytest.mark.parametrize("case", sorted(VALID_VALUES))
+def test_custom_resource_accepts_valid_value(case: str) -> None:
+    kind, path, value = VALID_VALUES[case]
+    assert error_locations(with_field(kind, path, value)) == []
+
+
+def test_prometheus_rule_rejects_duplicate_group() -> None:
+    """Groups are an `x-kubernetes-list-type: map` keyed by name, so the API server rejects a repeated name."""
+    groups = k8s_document("PrometheusRule")["spec"]["groups"]
+    document = with_field("PrometheusRule", ["spec", "groups"], [*groups, copy.deepcopy(groups[0])])
+    assert error_locations(document) == [(["spec", "groups"], "x-kubernetes-list-map-keys")]
+
+
+def test_strict_schema_open_and_closed_objects() -> None:
+    schema = {"type": "object", "properties": {
+        "metadata": {"type": "object"},
+        "preserved": {"type": "object", "x-kubernetes-preserve-unknown-fields": True, "properties": {"a": {"type": "string"}}},
+        "map": {"type": "object", "additionalProperties": {"type": "string"}},
+        "closed": {"type": "object", "properties": {"a": {"type": "string"}}},
+        "port": {"x-kubernetes-int-or-string": True},
+    }}
+    validator = StrictValidator(strict_schema(schema))
+    assert validator.is_valid({"preserved": {"a": "x", "b": 1}, "map": {"any": "x"}, "closed": {"a": "x"}})
+    assert validator.is_valid({"port": 80})
+    assert validator.is_valid({"port": "http"})
+    assert not validator.is_valid({"port": 1.5})
+    assert not validator.is_valid({"closed": {"b": "x"}})
+    assert not validator.is_valid({"unknown": 1})
+    assert not validator.is_valid({"metadata": {"nmae": "x"}})
 
 
 def test_k8s_scaled_object_targets_deployment() -> None:
