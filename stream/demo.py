@@ -51,8 +51,10 @@ def run_demo(*, keep_running: bool, timeout_s: float, top: int, prometheus: bool
     """Run the demo; with `prometheus`, a local Prometheus scrapes the worker and loads the alert rules."""
     if prometheus and find_prometheus() is None:
         raise ServiceError(f"--prometheus needs a prometheus binary; {INSTALL_HINT}, or leave out --prometheus")
-    # SIGTERM unwinds like Ctrl+C, so every service the demo started is stopped.
+    # SIGTERM and SIGINT unwind like Ctrl+C, so every service the demo started is stopped. SIGINT
+    # gets the handler too, because a shell starts a background job with SIGINT ignored.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="profilestream-demo-")))
@@ -193,5 +195,5 @@ def _print_report(profiles: list[dict], settings: Settings, sent: int, progress:
           f" Demo wall time {total_s:.1f} s.")
     print(f"Stored in Postgres at {settings.postgres_dsn.get_secret_value()} (tables profiles_current and"
           f" profiles_history) and on the compacted topic {settings.topic_profiles!r} at"
-          f" {settings.kafka_bootstrap_servers}. Both are removed when the demo exits unless --keep-running is given;"
-          f" then try: PROFILESTREAM_POSTGRES_DSN={settings.postgres_dsn.get_secret_value()} .venv/bin/profilestream profiles --top 3")
+          f" {settings.kafka_bootstrap_servers}. Both are removed when the demo exits, so with --keep-running,"
+          f" before Ctrl+C, try: PROFILESTREAM_POSTGRES_DSN={settings.postgres_dsn.get_secret_value()} .venv/bin/profilestream profiles --top 3")
