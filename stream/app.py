@@ -115,6 +115,10 @@ def create_app(settings: Settings) -> faust.App:
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
             await _handle_until_done("generate", stage.handle_batch, [_record(event) for event in events])
 
+    @app.timer(interval=5.0)
+    async def reissue_overdue_seeks() -> None:
+        await faust_acks.reissue_overdue_seeks(app.consumer)
+
     @app.timer(interval=10.0)
     async def report_state_size() -> None:
         metrics.STATE_USERS.set(len(table))

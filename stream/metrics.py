@@ -51,6 +51,10 @@ STALE_RECORDS_SKIPPED = Counter(
     "profilestream_consumer_stale_records_skipped",
     "Input records Faust fetched before a seek of their partition, skipped because the seek delivers them again in order (stream/faust_acks.py).",
 )
+SEEKS_REISSUED = Counter(
+    "profilestream_consumer_seeks_reissued",
+    "Seeks of an input partition issued again because the seek's target record had not arrived within 30 s (stream/faust_acks.py).",
+)
 ACKS_RESTORED = Counter(
     "profilestream_consumer_acks_restored",
     "Input offsets whose lost Faust acknowledgement was restored so the partition's commits could advance (stream/faust_acks.py).",

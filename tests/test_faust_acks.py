@@ -239,3 +239,20 @@ async def test_seek_skips_offsets_processed_before():
     await faust_acks.seek_uncommitted(seeking, {POSTS: 0})
     assert seeking.seeks == {POSTS: 3}
     assert seeking._committed_offset[POSTS] == 0
+
+
+async def test_overdue_seek_reissued():
+    # A partition that receives no record after a seek would otherwise never reach its target.
+    now = [100.0]
+    offsets = faust_acks.ReadOffsets(clock=lambda: now[0])
+    other = TP("likes", 1)
+    offsets.rewind(POSTS, 742)
+    offsets.rewind(other, 5)
+    seeking = SeekingConsumer(_read_offset=offsets, seeks={}, assignment=lambda: {POSTS})
+    await faust_acks.reissue_overdue_seeks(seeking)
+    assert seeking.seeks == {}
+    now[0] += faust_acks.REWIND_TIMEOUT_S + 1
+    await faust_acks.reissue_overdue_seeks(seeking)
+    assert seeking.seeks == {POSTS: 742}
+    assert offsets.rewinds == {POSTS: 742}
+    assert offsets.overdue() == []
