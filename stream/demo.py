@@ -79,7 +79,7 @@ def run_demo(*, keep_running: bool, timeout_s: float, top: int, prometheus: bool
         scraper = stack.enter_context(_prometheus(settings)) if prometheus else None
         progress = _wait_for_worker(settings, worker, sent, timeout_s)
         profiles = asyncio.run(_fetch_top(settings, top))
-        _print_report(profiles, settings, sent, progress, time.monotonic() - started)
+        _print_report(profiles, settings, sent, progress, time.monotonic() - started, keep_running=keep_running)
         if profiles:
             _print_read_api_sample(settings, profiles[0]["user_id"])
         if scraper is not None:
@@ -181,9 +181,11 @@ async def _fetch_top(settings: Settings, top: int) -> list[dict]:
         await sink.close()
 
 
-def _print_report(profiles: list[dict], settings: Settings, sent: int, progress: _Progress, total_s: float) -> None:
+def _print_report(profiles: list[dict], settings: Settings, sent: int, progress: _Progress, total_s: float,
+                  *, keep_running: bool) -> None:
     print()
-    print(f"Profiles of the {len(profiles)} most active users:")
+    heading = "Profile of the most active user:" if len(profiles) == 1 else f"Profiles of the {len(profiles)} most active users:"
+    print(heading)
     print()
     for profile in profiles:
         print(format_profile(profile))
@@ -193,7 +195,12 @@ def _print_report(profiles: list[dict], settings: Settings, sent: int, progress:
           f" {progress.startup_s:.1f} s, then committed {progress.records} records (events plus internal"
           f" audience and regeneration records) in {progress.processing_s:.1f} s, about {rate:.0f} records/s."
           f" Demo wall time {total_s:.1f} s.")
-    print(f"Stored in Postgres at {settings.postgres_dsn.get_secret_value()} (tables profiles_current and"
-          f" profiles_history) and on the compacted topic {settings.topic_profiles!r} at"
-          f" {settings.kafka_bootstrap_servers}. Both are removed when the demo exits, so with --keep-running,"
-          f" before Ctrl+C, try: PROFILESTREAM_POSTGRES_DSN={settings.postgres_dsn.get_secret_value()} .venv/bin/profilestream profiles --top 3")
+    dsn = settings.postgres_dsn.get_secret_value()
+    print(f"Stored in Postgres at {dsn} (tables profiles_current and profiles_history) and on the compacted"
+          f" topic {settings.topic_profiles!r} at {settings.kafka_bootstrap_servers}.")
+    query = f"PROFILESTREAM_POSTGRES_DSN={dsn} .venv/bin/profilestream profiles --top 3"
+    if keep_running:
+        print(f"Both stay until Ctrl+C stops the demo. Try: {query}")
+    else:
+        print("Both are removed when the demo exits. Run it with --keep-running to query them, for example"
+              f" with: {query.replace(dsn, '<the printed DSN>')}")

@@ -102,6 +102,7 @@ class PrometheusServer(LocalServer):
         """Stop Prometheus (SIGTERM, SIGKILL after stop_timeout_s) and delete its folder. Idempotent."""
         if self._process is not None:
             stop_process(self._process, stop_signal=signal.SIGTERM, timeout_s=self.stop_timeout_s, name="prometheus")
+            log.info("prometheus_stopped port=%s pid=%s", self._port, self._process.pid)
             self._process = None
         if self._work_dir is not None:
             shutil.rmtree(self._work_dir, ignore_errors=True)
