@@ -25,7 +25,7 @@ from handlers.sinks.postgres import PostgresSink
 from handlers.sinks.topic import TopicSink
 
 from . import faust_acks, metrics
-from .generate import GenerationStage, GenerationRateLimit
+from .generate import GenerationStage, GenerationRateLimit, refresh_budget_gauges
 from .ingest import IngestStage
 from .kafka_security import faust_broker_credentials
 from .postgres_tls import postgres_ssl
@@ -114,6 +114,10 @@ def create_app(settings: Settings) -> faust.App:
         stage = await resources.stage()
         async for events in stream.take_events(settings.ingest_batch_max, within=settings.ingest_batch_within_s):
             await _handle_until_done("generate", stage.handle_batch, [_record(event) for event in events])
+
+    @app.timer(interval=5.0)
+    async def report_budgets() -> None:
+        refresh_budget_gauges()
 
     @app.timer(interval=5.0)
     async def reissue_overdue_seeks() -> None:

@@ -14,6 +14,7 @@ from faust.exceptions import ProducerSendError
 
 from handlers import erasure
 from handlers.errors import ProfilestreamError, ProfileTooLarge
+from handlers.generation.telemetry import refresh_default_budget_gauges
 
 from . import faults, metrics
 from .records import Record
@@ -44,6 +45,15 @@ def refresh_generation_budget_gauge() -> None:
     """Refresh the gauge of every live GenerationRateLimit, so an idle worker shows its refilled budget."""
     for rate_limit in list(_rate_limits):
         rate_limit.refresh_gauge()
+
+
+def refresh_budget_gauges() -> None:
+    """Refresh the LLM and generation budget gauges, whose windows refill with time alone.
+
+    The worker calls this every 5 s, because the gauges otherwise change only at a generation.
+    """
+    refresh_default_budget_gauges()
+    refresh_generation_budget_gauge()
 
 
 class GenerationRateLimit:

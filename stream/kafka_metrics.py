@@ -19,10 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from mode import Service
 
-from handlers.generation.telemetry import refresh_default_budget_gauges
-
 from . import metrics
-from .generate import refresh_generation_budget_gauge
 from .health import WorkerStatus
 from .kafka_security import aiokafka_security_kwargs
 from .multiprocess_metrics import clear_gauge_series
@@ -108,8 +105,7 @@ class ConsumerMonitor(Service):
     Each poll sets the lag and committed-offset age gauges and feeds the watchdog, whose
     stalled partitions go to `status`. While table recovery is pending the watchdog is
     reset, because a rebalance pauses consumption on purpose. A failed poll is logged and
-    retried at the next interval, keeping the previous values. Each poll first refreshes the
-    LLM and generation budget gauges, whose windows refill with time alone.
+    retried at the next interval, keeping the previous values.
     """
 
     def __init__(self, settings: Settings, status: WorkerStatus, watchdog: Watchdog, *,
@@ -145,9 +141,6 @@ class ConsumerMonitor(Service):
 
     async def poll(self) -> None:
         """Read the offsets once and update the gauges, the watchdog and the status."""
-        # Before the broker requests, which can fail or wait up to REQUEST_TIMEOUT_S each.
-        refresh_default_budget_gauges()
-        refresh_generation_budget_gauge()
         partitions = sorted(self.status.assigned_partitions)
         offsets = await self._fetch(partitions) if partitions else {}
         if self.status.recovered:

@@ -202,11 +202,8 @@ LLM_WORKER_SCRIPT = textwrap.dedent(
     from handlers.generation.circuit import CircuitBreaker
     from handlers.generation.llm import LLMGenerator
     from handlers.generation.service import ProfileGenerator
-    from stream.health import WorkerStatus
-    from stream.kafka_metrics import ConsumerMonitor
+    from stream.generate import refresh_budget_gauges
     from stream.multiprocess_metrics import mark_dead_at_exit
-    from stream.settings import load_settings
-    from stream.watchdog import Watchdog
     from tests import llm_stub as stub
     from tests.llm_stub import TEST_API_KEY, LLMStub, build_test_request
 
@@ -246,8 +243,8 @@ LLM_WORKER_SCRIPT = textwrap.dedent(
         await generator.generate(build_test_request(user_id="user-2"))
         await step("probe_succeeded")
         budget_clock.now += 61.0
-        # The consumer monitor's periodic poll. Without assigned partitions it sends no broker request.
-        await ConsumerMonitor(load_settings(app_id="multiprocess-gauges"), WorkerStatus(), Watchdog(60.0)).poll()
+        # The worker's 5 s timer.
+        refresh_budget_gauges()
         await step("window_rolled_over")
         await generator.close()
         await server.close()
@@ -324,7 +321,7 @@ def test_budget_gauges_reach_merged_view(tmp_path, monkeypatch):
         assert value(samples, tokens_day, **labels) == math.inf, name
         assert value(samples, day_limit, **labels) == math.inf, name
 
-    # Two calls reached the endpoint and used two requests of the minute window. The monitor's poll then showed it rolled over.
+    # Two calls reached the endpoint and used two requests of the minute window. The worker's refresh timer then showed it rolled over.
     assert steps["started"][0]["requests_this_minute"] == 5
     assert steps["probe_succeeded"][0]["requests_this_minute"] == 3
     assert steps["probe_succeeded"][0]["tokens_this_minute"] < 100_000

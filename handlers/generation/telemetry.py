@@ -120,7 +120,7 @@ class LLMTelemetry:
         """Set the budget gauges of `model` from `budget` now and after each of its reservations and settlements.
 
         A window also rolls over with time alone, which only `refresh_budget_gauges` shows,
-        so a periodic task must call it. stream.kafka_metrics.ConsumerMonitor calls it at every poll.
+        so a periodic task must call it. The worker calls it every 5 s (stream.generate.refresh_budget_gauges).
         """
         self._budgets[model] = budget
         self.budget_tokens_day_limit.labels(model).set(math.inf if budget.tokens_per_day is None else budget.tokens_per_day)
